@@ -1,0 +1,27 @@
+# Two set-up commands for a fresh machine: `make sweep` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: sweep test bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+sweep: $(STAMP)
+	$(PY) -m amtl.train --tasks segmentation,depth,normal --epochs 5 --out runs/demo
+
+test: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/trainer.py
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,1 @@
+"""Gradient aggregators; importing this package registers them."""

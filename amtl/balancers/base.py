@@ -1,0 +1,185 @@
+"""The balancer contract: weightings, aggregators and the hyperparameters they declare.
+
+- A :class:`Weighting` turns task losses into per-task *terms*; the training objective is their sum.
+  Writing every weighting as a sum of per-task terms (the geometric mean included, see AMTL) is what
+  lets any weighting be combined with any gradient aggregator.
+- An :class:`Aggregator` turns the per-task gradient matrix ``G`` ``[T, D]`` into one update ``[D]``.
+  Every aggregator here is a function of the Gramian ``G G^T`` only: it returns task weights
+  ``alpha`` and the update is ``alpha @ G``. That keeps each method a few lines and lets the engine
+  (:mod:`amtl.balancers.method`) choose the cheapest way to form the update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class HParamError(ValueError):
+    """A hyperparameter value is unknown, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A hyperparameter declared beside the method that reads it.
+
+    ``low``/``high`` bound the valid range (inclusive); ``log`` says the natural search scale is
+    logarithmic; ``choices`` lists valid values of a categorical. ``kind`` is one of
+    ``float``, ``int``, ``bool``, ``str`` or ``mapping`` (a ``{task: float}`` dict).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+    doc: str = ""
+
+    def validate(self, value: Any, owner: str = "") -> Any:
+        where = f"{owner} hyperparameter '{self.name}'" if owner else f"hyperparameter '{self.name}'"
+        if self.kind == "mapping":
+            if value is None:
+                return None
+            if not isinstance(value, Mapping):
+                raise HParamError(f"{where} must be a {{task: number}} mapping, got {value!r}")
+            return {str(k): float(v) for k, v in value.items()}
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise HParamError(f"{where} must be true or false, got {value!r}")
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str):
+                raise HParamError(f"{where} must be a string, got {value!r}")
+        elif self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+                raise HParamError(f"{where} must be an integer, got {value!r}")
+            value = int(value)
+        elif self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise HParamError(f"{where} must be a finite number, got {value!r}")
+            value = float(value)
+        else:  # pragma: no cover - a declaration error, not user input
+            raise TypeError(f"unknown hyperparameter kind {self.kind!r}")
+        if self.choices is not None and value not in self.choices:
+            raise HParamError(f"{where} must be one of {list(self.choices)}, got {value!r}")
+        if self.low is not None and value < self.low:
+            raise HParamError(f"{where} must be >= {self.low}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise HParamError(f"{where} must be <= {self.high}, got {value!r}")
+        return value
+
+
+@dataclass
+class StepInputs:
+    """Everything a balancer may read in one training step, passed explicitly.
+
+    ``losses`` holds the scalar loss of every task that has at least one label in the batch (tasks
+    absent from the batch are left out, so no balancer ever sees a fake zero loss).
+    ``sample_losses``/``valid`` give per-sample losses ``[B]`` and label validity ``[B]`` for the
+    same tasks; ``sample_ids`` ``[B]`` are dataset instance indices (instance-level methods).
+    The parameter lists and ``representation`` are what gradient methods differentiate against.
+    """
+
+    losses: dict[str, Tensor]
+    sample_losses: dict[str, Tensor] = field(default_factory=dict)
+    valid: dict[str, Tensor] = field(default_factory=dict)
+    sample_ids: Tensor | None = None
+    shared_params: list[nn.Parameter] = field(default_factory=list)
+    task_params: list[nn.Parameter] = field(default_factory=list)
+    last_shared_params: list[nn.Parameter] = field(default_factory=list)
+    representation: Tensor | None = None
+    step: int = 0
+    epoch: int = 0
+
+
+class _Configurable:
+    """Shared hyperparameter handling of weightings and aggregators."""
+
+    name: ClassVar[str] = ""
+    hparams: ClassVar[tuple[HParam, ...]] = ()
+
+    def _set_hparams(self, values: Mapping[str, Any]) -> None:
+        declared = {h.name: h for h in self.hparams}
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            valid = ", ".join(declared) or "none"
+            raise HParamError(f"'{self.name}' has no hyperparameter {', '.join(map(repr, unknown))} "
+                              f"(valid: {valid})")
+        for h in self.hparams:
+            setattr(self, h.name, h.validate(values.get(h.name, h.default), self.name))
+
+    def hparam_values(self) -> dict[str, Any]:
+        return {h.name: getattr(self, h.name) for h in self.hparams}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Learned or accumulated state needed to resume; hyperparameters are not state."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"'{self.name}' keeps no state, got keys {sorted(state)}")
+
+
+class Weighting(_Configurable):
+    """Turns task losses into per-task objective terms; subclasses implement :meth:`terms`."""
+
+    #: Whether the method reads validation KPIs / needs single-task potentials.
+    needs_kpis: ClassVar[bool] = False
+    needs_potentials: ClassVar[bool] = False
+
+    def __init__(self, tasks: Sequence[str], **hparams: Any) -> None:
+        if not tasks:
+            raise HParamError(f"'{self.name}' needs at least one task")
+        self.tasks = list(tasks)
+        self._set_hparams(hparams)
+
+    def terms(self, step: StepInputs) -> dict[str, Tensor]:
+        """Per-task scalar terms whose sum is the objective (keys: the tasks in ``step.losses``)."""
+        raise NotImplementedError
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Current task weights (the multiplier of each task loss in the objective's gradient)."""
+        return {t: 1.0 for t in self.tasks}
+
+    def parameters(self) -> list[Tensor]:
+        """Learnable parameters the trainer's optimizer should update (e.g. UW log-variances)."""
+        return []
+
+    def after_step(self, step: StepInputs) -> None:
+        """Called after the optimizer step (methods with their own update rule act here)."""
+
+    def on_epoch_end(self, mean_train_losses: Mapping[str, float]) -> None:
+        """Called with each task's mean training loss over the epoch that just ended."""
+
+    def on_validation(self, kpis: Mapping[str, float]) -> None:
+        """Called with each task's validation KPI (higher is better) after every validation."""
+
+
+class Aggregator(_Configurable):
+    """Turns the per-task gradient matrix into one update; subclasses implement :meth:`weights`."""
+
+    def __init__(self, **hparams: Any) -> None:
+        self._set_hparams(hparams)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        """Task weights ``alpha`` ``[T]`` from the Gramian ``G G^T`` ``[T, T]``."""
+        raise NotImplementedError
+
+    def aggregate(self, grads: Tensor) -> Tensor:
+        """The update ``alpha @ G`` ``[D]`` for the gradient matrix ``G`` ``[T, D]``."""
+        if grads.ndim != 2 or grads.shape[0] == 0:
+            raise ValueError(f"expected a [T, D] gradient matrix with T >= 1, got shape {tuple(grads.shape)}")
+        if not torch.isfinite(grads).all():
+            raise ValueError("gradient matrix contains inf or nan")
+        return self.weights(gramian_of(grads)) @ grads
+
+
+def gramian_of(grads: Tensor) -> Tensor:
+    """``G G^T`` in float64 for the small T x T solves (the matmul itself stays in G's dtype)."""
+    return (grads @ grads.T).double()
