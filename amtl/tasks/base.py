@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -49,8 +50,8 @@ class Task(ABC):
         losses, valid = self.sample_losses(pred, target)
         if has is not None:
             valid = valid & has.to(valid.device)
-        count = valid.sum()
-        return (losses * valid).sum() / count.clamp(min=1)
+        # where, not multiplication: an unlabelled sample's loss may be nan, and nan * 0 is nan.
+        return torch.where(valid, losses, 0.0).sum() / valid.sum().clamp(min=1)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
