@@ -20,6 +20,8 @@ from torch import Tensor
 from amtl.balancers.base import Aggregator, HParam, HParamError, StepInputs, Weighting, gramian_of
 
 SOURCES = ("shared", "last", "representation")
+#: Keyword arguments of :func:`make` that describe the run rather than the method.
+CONTEXT_KEYS = ("num_instances",)
 SOURCE_HPARAM = HParam("source", "str", "shared", choices=SOURCES,
                        doc="gradients the aggregator sees: all shared parameters, the last shared "
                            "layer, or the shared representation (UB)")
@@ -110,7 +112,10 @@ def make(name: str, tasks: Sequence[str], **hparams: Any) -> "Method":
     specs = hparam_specs(name)
     source = hparams.pop("source", "shared")
     w_cls = _WEIGHTINGS[weighting_name]
-    context = {k: hparams.pop(k) for k in list(hparams) if k in getattr(w_cls, "context", ())}
+    # Context (facts about the run, not searchable) is offered to every method; only methods that
+    # declare a key in ``context`` receive it.
+    offered = {k: hparams.pop(k) for k in CONTEXT_KEYS if k in hparams}
+    context = {k: v for k, v in offered.items() if k in getattr(w_cls, "context", ())}
     unknown = sorted(set(hparams) - set(specs))
     if unknown:
         raise HParamError(f"'{name}' has no hyperparameter {', '.join(map(repr, unknown))} "
