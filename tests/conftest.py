@@ -1,0 +1,19 @@
+"""Session-wide test settings: no Ray usage stats, one render cache shared by every test."""
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_render_cache(tmp_path_factory):
+    """Rendered datasets are cached once per test session, not per test, and never in ~/.cache."""
+    path = tmp_path_factory.mktemp("amtl-cache")
+    old = os.environ.get("AMTL_CACHE_DIR")
+    os.environ["AMTL_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("AMTL_CACHE_DIR", None)
+    else:
+        os.environ["AMTL_CACHE_DIR"] = old

@@ -1,0 +1,143 @@
+"""The trainer and the single-run CLI on small rendered scenes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amtl.trainer import CHECKPOINT, ConfigError, NonFiniteLossError, TrainConfig, Trainer
+
+TINY = dict(image_size=32, n_train=48, n_val=16, n_test=16, batch_size=16, log_every=2)
+
+
+def tiny(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, **overrides})
+
+
+def test_fit_writes_metrics_and_logs(tmp_path):
+    result = Trainer(tiny(epochs=2), tmp_path, progress=None).fit()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test"}
+    assert metrics["val"] == pytest.approx(result["val"])
+    for key in ("segmentation/miou", "depth/abs_err", "normal/within_11.25", "normal/median_angle"):
+        assert key in metrics["test"]
+    steps = [json.loads(l) for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 7))  # 48 / 16 = 3 steps per epoch
+    assert set(steps[0]["losses"]) == {"segmentation", "depth", "normal"}
+    epochs = [json.loads(l) for l in (tmp_path / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert set(epochs[0]["kpis"]) == {"segmentation", "depth", "normal"}
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = Trainer(tiny(epochs=2), tmp_path / "a", progress=None)
+    straight.fit()
+
+    class Crash:  # the process dies right after epoch 1 was checkpointed
+        def on_epoch(self, record, trainer):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny(epochs=2), tmp_path / "b", callbacks=[Crash()], progress=None).fit()
+    resumed = Trainer(tiny(epochs=2), tmp_path / "b", progress=None)
+    resumed.fit()
+    assert resumed.step == straight.step == 6
+    assert len(resumed.history) == 2
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    Trainer(tiny(epochs=1), tmp_path, progress=None).fit()
+    with pytest.raises(ConfigError, match="lr"):
+        Trainer(tiny(epochs=2, lr=0.5), tmp_path, progress=None).fit()
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    trainer = Trainer(tiny(epochs=2), tmp_path, progress=None)
+    trainer.fit()
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    broken = Trainer(tiny(epochs=3), tmp_path, progress=None)
+    broken.load_checkpoint(tmp_path / CHECKPOINT)
+    with torch.no_grad():
+        next(broken.model.heads["depth"].parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="depth.*lower the learning rate"):
+        broken.fit(resume=False)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_task_without_labels_in_batch_is_left_out(tmp_path):
+    trainer = Trainer(tiny(tasks=("segmentation", "depth")), None, progress=None)
+    batch = next(iter(trainer._loader(trainer.data.train, shuffle=False)))
+    batch["has"]["depth"][:] = False
+    step = trainer.compute_losses(batch)
+    assert set(step.losses) == {"segmentation"}
+    batch["has"]["depth"][0] = True
+    step = trainer.compute_losses(batch)
+    only_first = step.sample_losses["depth"].detach()
+    assert only_first[1:].abs().sum() == 0 and only_first[0] > 0
+    assert step.losses["depth"].item() == pytest.approx(only_first[0].item())
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(epochs=0), "epochs must be at least 1"),
+    (dict(batch_size=-1), "batch_size"),
+    (dict(lr=-1.0), "lr must be a positive"),
+    (dict(optimizer="lbfgs"), "unknown optimizer"),
+    (dict(tasks=()), "no tasks"),
+])
+def test_bad_config_is_rejected(bad, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        tiny(**bad).validate()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amtl.train", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_single_run_writes_metrics(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--tasks", "segmentation,depth", "--epochs", "1", "--out", str(out), "--image-size", "32",
+                   "--n-train", "32", "--n-val", "16", "--n-test", "16", "--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1/1" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["val"]) == {"segmentation/miou", "segmentation/pixel_acc", "depth/abs_err",
+                                   "depth/rel_err", "depth/delta1"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tasks", "segmentation,colour"], "no labels for task(s) colour"),
+    (["--balancer", "nope"], "unknown balancer 'nope'"),
+    (["--epochs", "-1"], "epochs must be at least 1"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--hparams", "{bad json"], "--hparams is not valid JSON"),
+    (["--hparams", "missing.json"], "neither a JSON object nor an existing file"),
+    (["--dataset", "nyuv2"], "needs a data root"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--device", "tpu"], "device must be"),
+])
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, args, fragment):
+    from amtl.train import main
+    argv = ["--out", str(tmp_path / "x"), "--image-size", "32", "--n-train", "16", "--n-val", "8", "--n-test", "8", *args]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert fragment in lines[0]
+    assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_cli_refuses_to_overwrite_with_no_resume(tmp_path):
+    Trainer(tiny(epochs=1), tmp_path, progress=None).fit()
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    proc = run_cli("--out", str(tmp_path), "--no-resume")
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
