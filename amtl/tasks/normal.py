@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -14,6 +13,12 @@ THRESHOLDS = (11.25, 22.5, 30.0)
 # and needs no per-pixel storage); 0.01-degree bins make it exact to that resolution.
 BIN_DEG = 0.01
 N_BINS = int(180 / BIN_DEG)
+
+
+def unit(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Normalise along dim 1. Same as ``F.normalize`` but about 10x faster on CPU for [B, 3, H, W]
+    (measured: ``linalg_vector_norm`` over a strided dim took 22% of a training step)."""
+    return x * torch.rsqrt(x.pow(2).sum(1, keepdim=True).clamp_min(eps * eps))
 
 
 class NormalMetric(Metric):
@@ -30,7 +35,7 @@ class NormalMetric(Metric):
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         valid = target.abs().sum(1) > 0
-        cos = F.cosine_similarity(pred.float(), target.float(), dim=1)[valid].clamp(-1, 1)
+        cos = (unit(pred.float()) * unit(target.float())).sum(1)[valid].clamp(-1, 1)
         angle = torch.rad2deg(torch.acos(cos)).double()
         self.angle_sum += angle.sum()
         self.count += angle.numel()
@@ -58,7 +63,7 @@ class Normal(Task):
 
     def sample_losses(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         valid = target.abs().sum(1) > 0
-        cos = (F.normalize(pred.float(), dim=1) * target).sum(1)
+        cos = (unit(pred.float()) * target).sum(1)
         loss = (1 - cos) * valid
         counts = valid.flatten(1).sum(1)
         return loss.flatten(1).sum(1) / counts.clamp(min=1), counts > 0
@@ -74,4 +79,4 @@ class _NormalHead(DenseHead):
         super().__init__(in_channels, 3)
 
     def forward(self, representation: Tensor, size: tuple[int, int]) -> Tensor:
-        return F.normalize(super().forward(representation, size), dim=1)
+        return unit(super().forward(representation, size))
