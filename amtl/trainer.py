@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from amtl import balancers
 from amtl.data import collate
+from amtl.distributed import GlobalBatchSampler, ShardSampler, all_reduce_mean_, all_reduce_sum_, broadcast_, world
 from amtl.data.registry import DataSplits, build_datasets
 from amtl.models import build_model
 from amtl.models.base import MultiTaskModel
@@ -138,9 +139,14 @@ class Trainer:
                  progress: Callable[[str], None] | None = print) -> None:
         config.validate()
         self.config = config
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.rank, self.world_size = world()
+        if config.batch_size % self.world_size:
+            raise ConfigError(f"batch_size {config.batch_size} is the global batch and must be divisible by "
+                              f"the {self.world_size} workers")
+        # Only rank 0 writes files and prints; every rank computes.
+        self.out_dir = Path(out_dir) if out_dir is not None and self.rank == 0 else None
         self.callbacks = list(callbacks)
-        self.progress = progress or (lambda _msg: None)
+        self.progress = (progress if self.rank == 0 else None) or (lambda _msg: None)
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -153,9 +159,11 @@ class Trainer:
         self.tasks: list[Task] = [make_task(t, num_classes=self.data.num_classes) for t in config.tasks]
         self.model: MultiTaskModel = build_model(config.model, self.tasks, width=config.width,
                                                  weights_path=config.weights_path).to(self.device)
+        broadcast_([*self.model.parameters(), *self.model.buffers()])
         self.method = balancers.make(config.balancer, tasks=list(config.tasks),
                                      num_instances=self.data.num_instances, **config.hparams)
         self._move_method_state()
+        self._install_task_grad_reduction()
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -167,6 +175,21 @@ class Trainer:
         self._test_loader = self._loader(self.data.test, shuffle=False)
 
     # -- set-up ----------------------------------------------------------------------------
+    def _install_task_grad_reduction(self) -> None:
+        """With several workers, aggregators see the per-task gradients of the *global* batch."""
+        if self.world_size == 1 or self.method.aggregator is None:
+            return
+        if self.method.source == "representation":
+            # Representation gradients belong to each rank's own samples; their global Gramian is a
+            # sum over ranks, which the engine does not expose yet.
+            raise ConfigError("source='representation' with several workers is not supported; "
+                              "use source='shared' or 'last', or one worker per trial")
+
+        def mean_over_ranks(grads: Tensor) -> Tensor:
+            all_reduce_mean_([grads])
+            return grads
+        self.method.reduce_task_grads = mean_over_ranks
+
     def _move_method_state(self) -> None:
         for p in self.method.parameters():
             p.data = p.data.to(self.device)
@@ -195,16 +218,23 @@ class Trainer:
         n = len(self.data.train)
         if n == 0:
             raise ConfigError("the training split is empty")
+        if n < self.config.batch_size and self.world_size > 1:
+            raise ConfigError(f"the training split has {n} samples, fewer than one global batch "
+                              f"({self.config.batch_size}); lower batch_size")
         full = n // self.config.batch_size if n >= self.config.batch_size else 1
         return min(full, self.config.steps_per_epoch or full)
 
     def _loader(self, dataset: Dataset, shuffle: bool, epoch: int = 0) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        drop_last = shuffle and len(dataset) >= self.config.batch_size
-        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          collate_fn=collate, num_workers=self.config.num_workers, generator=generator,
-                          pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        """Training: this rank's slice of each global batch. Evaluation: a disjoint shard."""
+        common = dict(collate_fn=collate, num_workers=self.config.num_workers,
+                      pin_memory=self.device.type == "cuda")
+        n = len(dataset)
+        if shuffle:
+            sampler = GlobalBatchSampler(n, self.config.batch_size, self.rank, self.world_size,
+                                         seed=self.config.seed, epoch=epoch, drop_last=n >= self.config.batch_size)
+            return DataLoader(dataset, batch_sampler=sampler, **common)
+        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=ShardSampler(n, self.rank, self.world_size),
+                          **common)
 
     # -- one step --------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -228,16 +258,29 @@ class Trainer:
             images = batch["image"]
             representation = self.model.encode(images)
             preds = self.model.decode(representation, tuple(images.shape[-2:]))
-        losses, sample_losses, valid = {}, {}, {}
+        per_task = []
         for task in self.tasks:
             per_sample, ok = task.sample_losses(preds[task.name], batch[task.name])
             ok = ok & batch["has"][task.name]
-            if not bool(ok.any()):
-                continue  # the task has no label in this batch: it contributes nothing
             # An unlabelled sample contributes exactly 0 and no gradient, even if its loss is nan.
-            per_sample = torch.where(ok, per_sample, 0.0)
-            losses[task.name] = per_sample.sum() / ok.sum()
-            sample_losses[task.name], valid[task.name] = per_sample, ok
+            per_task.append((task.name, torch.where(ok, per_sample, 0.0), ok))
+        sums = torch.stack([p.sum() for _, p, _ in per_task])
+        counts = torch.stack([ok.sum() for _, _, ok in per_task]).to(sums.dtype)
+        # With several workers the loss is that of the global batch: sums and label counts are
+        # all-reduced (one small collective), and each rank's loss is scaled so that averaging the
+        # gradients across ranks gives the global gradient. Its *value* is the global loss, so every
+        # rank's balancer sees identical numbers.
+        totals = all_reduce_sum_(torch.cat([sums.detach(), counts.detach()]))
+        global_sums, global_counts = totals[:len(per_task)], totals[len(per_task):]
+        present = (global_counts > 0).tolist()
+        losses, sample_losses, valid = {}, {}, {}
+        for i, (name, per_sample, ok) in enumerate(per_task):
+            if not present[i]:
+                continue  # no label for this task anywhere in the batch: it contributes nothing
+            local = sums[i] * self.world_size / global_counts[i]
+            value = global_sums[i] / global_counts[i]
+            losses[name] = local + (value - local).detach() if self.world_size > 1 else local
+            sample_losses[name], valid[name] = per_sample, ok
         return balancers.StepInputs(
             losses=losses, sample_losses=sample_losses, valid=valid, sample_ids=batch["index"],
             shared_params=self.model.shared_parameters(), task_params=self.model.task_parameters(),
@@ -257,11 +300,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         diagnose = self.config.diagnose_every > 0 and self.step % self.config.diagnose_every == 0
         report = self.method.backward(step, diagnose=diagnose)
+        self._sync_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.method.after_step(step)
         self.step += 1
         return step, report
+
+    def _sync_gradients(self) -> None:
+        """Average gradients across workers; shared ones are skipped when the aggregator already
+        saw globally reduced task gradients (a second all-reduce would be redundant)."""
+        if self.world_size == 1:
+            return
+        params = self.model.task_parameters() + [p for p in self.method.parameters() if p.requires_grad]
+        if not (self.method.aggregator is not None and self.method.source == "shared"):
+            params = self.model.shared_parameters() + params
+        for p in params:  # every rank must contribute the same buffer layout to the collective
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_mean_([p.grad for p in params])
 
     # -- loops -----------------------------------------------------------------------------
     @torch.no_grad()
