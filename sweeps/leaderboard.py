@@ -1,0 +1,461 @@
+"""Turn a sweep's trial table into a fair leaderboard: one row per method, ranked only where it is earned.
+
+Input is the sweep's trial table (one row per trial, see :func:`build_leaderboard`) and, for the
+weights plot, its long-format epoch history. Outputs are ``leaderboard.parquet``, ``leaderboard.md``,
+``leaderboard.png`` and ``weights.png`` (:func:`write_outputs`). Delta-m is lower-is-better
+(:func:`amtl.tasks.delta_m`).
+
+Which rows score a method
+    Phase ``"potentials"`` rows are never counted (not in scores, ``trials``, ``failed`` nor
+    ``compute_seconds``): they calibrate AMTL, they do not compare balancers. When a method has
+    successful ``"seeds"`` rows (its best configuration rerun with K seeds) those score it; otherwise
+    its single successful search row with the lowest ``val_delta_m`` does (selection on val, report
+    on test, so the test split never picks a winner).
+
+Confidence interval
+    ``test_delta_m_ci95`` is the half-width of the two-sided 95% Student-t interval of the mean,
+    ``t_{0.975, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation. With one seed there is
+    no variance estimate, so half-width, low and high are NaN (not 0: 0 would claim certainty).
+
+Rank
+    Rows are sorted by ``test_delta_m_mean`` (best first). A method's ``rank`` is 1 + the number of
+    methods whose interval lies entirely below (better than) its own, i.e. whose ``high`` is below its
+    ``low``. Overlapping intervals therefore share a rank, and ranks can skip (1, 1, 3). A method
+    with a single scored run has no interval and is treated as unbounded: it neither beats nor is
+    beaten. Methods with no successful run get NaN scores, a missing rank and sit at the bottom.
+
+Per-task columns
+    ``test/<task>/<kpi>``: the mean over the scoring rows of each task's test-split KPI (the metric
+    the balancers read, e.g. ``segmentation/miou``), so the per-task view comes from the same split
+    as the Delta-m it explains. The KPI metric of a task is found from the data: it is the
+    ``val/<task>/<metric>`` column equal to ``kpi/<task>`` (how the trainer defines KPIs), or given
+    with ``kpi_metrics``. When no test column can be matched the column is ``kpi/<task>`` (val KPI).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+OK_STATUS = "TERMINATED"
+FAILED_STATUS = "ERROR"
+# Columns a caller might list as hyperparameters by mistake; they differ between seed reruns of
+# one configuration, so grouping by them would split a configuration.
+_NOT_HPARAMS = {"seed", "trial_id", "phase", "method", "status", "error", "node_id", "train_seconds"}
+# Saved PNG metadata names the matplotlib version by default; drop it so bytes depend on data only.
+_PNG_META = {"Software": None}
+
+
+# -- statistics -----------------------------------------------------------------------------
+def _t_pdf(x: np.ndarray, df: float) -> np.ndarray:
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
+
+
+def _t_cdf(x: float, df: float, intervals: int = 4000) -> float:
+    """Student-t CDF by Simpson's rule on ``[0, |x|]`` (no scipy); accurate to ~1e-10 here."""
+    grid = np.linspace(0.0, abs(x), intervals + 1)
+    y = _t_pdf(grid, df)
+    h = abs(x) / intervals
+    area = h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+    return 0.5 + math.copysign(area, x)
+
+
+@lru_cache(maxsize=256)
+def t_quantile(p: float, df: float) -> float:
+    """Quantile ``t_{p, df}`` of Student's t distribution (e.g. ``t_quantile(0.975, 2) = 4.3027``)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must lie in (0, 1), got {p}")
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 2.0
+    while _t_cdf(hi, df) < p:  # heavy tails (df = 1) need a wide bracket
+        lo, hi = hi, hi * 2
+    for _ in range(60):  # bisection: the CDF is monotone, so this cannot diverge
+        mid = (lo + hi) / 2
+        if _t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval of the finite ``values``; half-width NaN for n < 2."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size == 1:
+        return float(x[0]), math.nan
+    return float(x.mean()), t_quantile(0.975, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+
+
+def _ranks(low: np.ndarray, high: np.ndarray, mean: np.ndarray) -> list[int | None]:
+    """1 + number of methods whose interval lies entirely below each one's; None without a score."""
+    # A missing bound (single run) is unbounded on that side: it can neither beat nor be beaten.
+    low = np.where(np.isnan(low), -np.inf, low)
+    high = np.where(np.isnan(high), np.inf, high)
+    out: list[int | None] = []
+    for i in range(len(mean)):
+        if np.isnan(mean[i]):
+            out.append(None)
+            continue
+        scored = ~np.isnan(mean)
+        out.append(1 + int(np.sum(scored & (high < low[i]))))
+    return out
+
+
+# -- selection ------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """JSON-friendly Python scalar (numpy ints/floats/bools become their Python counterparts)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        # Float columns hold ints next to NaN (e.g. a batch size); 2 reads better than 2.0.
+        return int(value)
+    return value
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists/dicts in a column: present
+        return False
+
+
+def config_json(row: Mapping[str, Any], hparam_columns: Iterable[str]) -> str:
+    """JSON (sorted keys) of the row's hyperparameters that are set (non-NaN)."""
+    cfg = {c: _plain(row[c]) for c in hparam_columns if c in row and not _is_missing(row[c])}
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def _infer_kpi_metrics(trials: pd.DataFrame) -> dict[str, str]:
+    """``{task: metric}`` whose ``val/<task>/<metric>`` equals ``kpi/<task>`` wherever both are set."""
+    found: dict[str, str] = {}
+    for col in trials.columns:
+        if not col.startswith("kpi/"):
+            continue
+        task = col[len("kpi/"):]
+        kpi = pd.to_numeric(trials[col], errors="coerce")
+        prefix = f"val/{task}/"
+        for vcol in sorted(c for c in trials.columns if c.startswith(prefix)):
+            val = pd.to_numeric(trials[vcol], errors="coerce")
+            both = kpi.notna() & val.notna()
+            if both.any() and np.allclose(kpi[both], val[both], rtol=1e-9, atol=1e-12):
+                found[task] = vcol[len(prefix):]
+                break
+    return found
+
+
+def _task_columns(trials: pd.DataFrame, kpi_metrics: Mapping[str, str] | None) -> dict[str, str]:
+    """``{task: column}`` of the per-task score to report (test KPI where known, else val KPI)."""
+    tasks = sorted({c.split("/")[1] for c in trials.columns if c.startswith("kpi/")}
+                   | set(kpi_metrics or {}))
+    metrics = {**_infer_kpi_metrics(trials), **(kpi_metrics or {})}
+    out: dict[str, str] = {}
+    for task in tasks:
+        test_col = f"test/{task}/{metrics.get(task, '')}"
+        if task in metrics and test_col in trials.columns:
+            out[task] = test_col
+        elif f"kpi/{task}" in trials.columns:
+            out[task] = f"kpi/{task}"
+    return out
+
+
+def _scoring_rows(rows: pd.DataFrame, hparams: list[str]) -> tuple[pd.DataFrame, str]:
+    """The rows that score one method and which phase they come from ("seeds", "search" or "")."""
+    ok = rows[(rows["status"] == OK_STATUS) & pd.to_numeric(rows["test_delta_m"], errors="coerce").notna()]
+    seeds = ok[ok["phase"] == "seeds"]
+    if len(seeds):
+        # The seeds phase reruns one configuration; if a resumed sweep left two, keep the one with
+        # the most seeds (then the better mean val Delta-m) rather than mixing configurations.
+        keys = seeds.apply(lambda r: config_json(r, hparams), axis=1)
+        groups = sorted(seeds.groupby(keys, sort=True),
+                        key=lambda kv: (-len(kv[1]), kv[1]["val_delta_m"].mean(), kv[0]))
+        return groups[0][1], "seeds"
+    search = ok[(ok["phase"] != "seeds") & pd.to_numeric(ok["val_delta_m"], errors="coerce").notna()]
+    if len(search):
+        # Lowest val Delta-m; trial_id breaks ties so the choice does not depend on row order.
+        best = search.assign(_v=search["val_delta_m"].astype(float),
+                             _id=search["trial_id"].astype(str)).sort_values(["_v", "_id"]).head(1)
+        return best.drop(columns=["_v", "_id"]), "search"
+    return rows.iloc[0:0], ""
+
+
+def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
+                      kpi_metrics: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One row per method (phase "potentials" excluded), sorted best first; see the module docstring.
+
+    ``trials`` needs ``trial_id``, ``phase``, ``method``, ``status``, ``val_delta_m``,
+    ``test_delta_m``; ``train_seconds``, ``kpi/<task>`` and ``val|test/<task>/<metric>`` are used
+    when present. ``kpi_metrics`` (``{task: metric}``) overrides the KPI metric found from the data.
+
+    Columns: ``method``, ``rank`` (nullable Int64), ``n_seeds``, ``test_delta_m_mean``,
+    ``test_delta_m_ci95``, ``test_delta_m_low``, ``test_delta_m_high``, ``val_delta_m_mean``, the
+    per-task ``test/<task>/<kpi>`` (or ``kpi/<task>``) means, ``best_config`` (JSON, missing without a
+    successful run), ``best_trial_id`` (the scoring trial with the lowest val Delta-m),
+    ``scored_on`` ("seeds", "search" or ""), ``trials``, ``failed``, ``compute_seconds``.
+    """
+    required = {"trial_id", "phase", "method", "status", "val_delta_m", "test_delta_m"}
+    missing = sorted(required - set(trials.columns))
+    if missing:
+        raise KeyError(f"trial table lacks columns {missing}")
+    hparams = [c for c in hparam_columns if c in trials.columns and c not in _NOT_HPARAMS]
+    rows_all = trials[trials["phase"] != "potentials"]
+    task_cols = _task_columns(rows_all, kpi_metrics)
+    records: list[dict[str, Any]] = []
+    for method, rows in rows_all.groupby("method", sort=True):
+        scoring, source = _scoring_rows(rows, hparams)
+        mean, ci = mean_ci95(scoring["test_delta_m"].astype(float))
+        rec: dict[str, Any] = {
+            "method": str(method),
+            "n_seeds": len(scoring),
+            "test_delta_m_mean": mean,
+            "test_delta_m_ci95": ci,
+            "test_delta_m_low": mean - ci,
+            "test_delta_m_high": mean + ci,
+            "val_delta_m_mean": float(scoring["val_delta_m"].astype(float).mean()) if len(scoring) else math.nan,
+        }
+        for col in task_cols.values():
+            rec[col] = float(pd.to_numeric(scoring[col], errors="coerce").mean()) if len(scoring) else math.nan
+        if len(scoring):
+            best = scoring.assign(_v=scoring["val_delta_m"].astype(float),
+                                  _id=scoring["trial_id"].astype(str)).sort_values(["_v", "_id"]).iloc[0]
+            rec["best_config"] = config_json(best, hparams)
+            rec["best_trial_id"] = str(best["trial_id"])
+        else:
+            rec["best_config"] = None
+            rec["best_trial_id"] = None
+        rec["scored_on"] = source
+        rec["trials"] = len(rows)
+        rec["failed"] = int((rows["status"] == FAILED_STATUS).sum())
+        secs = rows["train_seconds"] if "train_seconds" in rows else pd.Series(dtype=float)
+        rec["compute_seconds"] = float(pd.to_numeric(secs, errors="coerce").sum())  # failed trials cost too
+        records.append(rec)
+    columns = ["method", "rank", "n_seeds", "test_delta_m_mean", "test_delta_m_ci95", "test_delta_m_low",
+               "test_delta_m_high", "val_delta_m_mean", *task_cols.values(), "best_config", "best_trial_id",
+               "scored_on", "trials", "failed", "compute_seconds"]
+    if not records:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    lb = pd.DataFrame.from_records(records)
+    lb["rank"] = pd.array(_ranks(lb["test_delta_m_low"].to_numpy(float), lb["test_delta_m_high"].to_numpy(float),
+                                 lb["test_delta_m_mean"].to_numpy(float)), dtype="Int64")
+    # Best mean first; unscored methods last; method name makes the order total.
+    lb = lb.sort_values(["test_delta_m_mean", "method"], na_position="last", kind="mergesort")
+    return lb[columns].reset_index(drop=True)
+
+
+# -- markdown -------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 2) -> str:
+    if _is_missing(value):
+        return "-"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _task_score_columns(lb: pd.DataFrame) -> list[str]:
+    return [c for c in lb.columns if c.startswith(("test/", "kpi/"))]
+
+
+def _task_label(col: str) -> str:
+    """``test/depth/delta1`` -> ``depth delta1``; ``kpi/depth`` -> ``depth (val KPI)``."""
+    parts = col.split("/")
+    return f"{parts[1]} {'/'.join(parts[2:])}" if parts[0] == "test" else f"{parts[1]} (val KPI)"
+
+
+def to_markdown(lb: pd.DataFrame) -> str:
+    """Leaderboard as an aligned markdown table (readable in a terminal too), plus a legend line."""
+    task_cols = _task_score_columns(lb)
+    header = ["rank", "method", "test Δm (mean ± ci95)", "val Δm", "seeds", *map(_task_label, task_cols),
+              "trials", "failed", "best config"]
+    body: list[list[str]] = []
+    for _, r in lb.iterrows():
+        if _is_missing(r["test_delta_m_mean"]):
+            dm = "-"
+        elif _is_missing(r["test_delta_m_ci95"]):
+            dm = f"{r['test_delta_m_mean']:.2f} ± n/a"
+        else:
+            dm = f"{r['test_delta_m_mean']:.2f} ± {r['test_delta_m_ci95']:.2f}"
+        cfg = r["best_config"] if not _is_missing(r["best_config"]) else "-"
+        body.append([_fmt(r["rank"]), str(r["method"]), dm, _fmt(r["val_delta_m_mean"]), _fmt(r["n_seeds"]),
+                     *(_fmt(r[c], 4) for c in task_cols), _fmt(r["trials"]), _fmt(r["failed"]),
+                     f"`{cfg}`" if cfg != "-" else cfg])
+    # A literal "|" inside a cell would end the cell in markdown.
+    body = [[cell.replace("|", "\\|") for cell in row] for row in body]
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
+    numeric = {0, 2, 3, 4, *range(5, 5 + len(task_cols)), 5 + len(task_cols), 6 + len(task_cols)}
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join((("-" * (w + 1)) + ":") if i in numeric else ("-" * (w + 2))
+                          for i, w in enumerate(widths)) + "|"
+    legend = ("Δm: Delta-m on test in %, lower is better. ci95: half-width of the 95% t-interval over seeds "
+              "(n/a with one run). rank: 1 + number of methods whose interval lies entirely below; "
+              "overlapping intervals share a rank.")
+    return "\n".join([line(header), rule, *(line(r) for r in body), "", legend]) + "\n"
+
+
+# -- plots ----------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Figure:
+    """A Figure on the Agg canvas: headless, deterministic, and no pyplot state or global backend switch."""
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Figure, path: str | Path) -> None:
+    """Save atomically: a reader never sees a half-written PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata=_PNG_META))
+
+
+def plot_leaderboard(lb: pd.DataFrame, trials: pd.DataFrame | None, path: str | Path) -> None:
+    """``leaderboard.png``: test Delta-m mean ± ci95 per method (left) and per-task KPIs (right).
+
+    ``trials`` is accepted for callers that pass it; the plot reads only ``lb`` so it shows exactly
+    the numbers of the table.
+    """
+    del trials
+    task_cols = _task_score_columns(lb)
+    n = max(len(lb), 1)
+    fig = _figure(13 if task_cols else 7, 1.2 + 0.45 * n)
+    axes = fig.subplots(1, 2 if task_cols else 1, squeeze=False)
+    y = np.arange(len(lb))[::-1]  # best (first row) on top
+    labels = [f"{m}  (failed)" if _is_missing(r) else f"{m}  (#{r})" for m, r in zip(lb["method"], lb["rank"])]
+    ax = axes[0, 0]
+    mean = lb["test_delta_m_mean"].to_numpy(float)
+    ci = lb["test_delta_m_ci95"].to_numpy(float)
+    has_ci = ~np.isnan(ci)
+    ax.errorbar(mean[has_ci], y[has_ci], xerr=ci[has_ci], fmt="o", color="tab:blue", capsize=4,
+                label="mean ± 95% CI")
+    single = ~has_ci & ~np.isnan(mean)
+    if single.any():
+        ax.plot(mean[single], y[single], "o", mfc="none", color="tab:orange", label="single run (no CI)")
+    for yi, m in zip(y, mean):
+        if np.isnan(m):
+            ax.text(0.01, yi, "no successful run", transform=ax.get_yaxis_transform(), va="center",
+                    color="tab:red", fontsize=9)
+    ax.axvline(0.0, color="grey", lw=0.8, ls="--")  # 0 = as good as single-task models
+    ax.set_yticks(y, labels)
+    ax.set_ylim(-0.7, len(lb) - 0.3)
+    ax.set_xlabel("test Δm (%)  — lower is better")
+    ax.set_title("Delta-m per method (rank in parentheses)")
+    ax.grid(axis="x", alpha=0.3)
+    if len(lb):
+        ax.legend(loc="best", fontsize=8)
+    if task_cols:
+        ax2 = axes[0, 1]
+        height = 0.8 / len(task_cols)
+        for k, col in enumerate(task_cols):
+            vals = lb[col].to_numpy(float)
+            ax2.barh(y + 0.4 - height * (k + 0.5), np.nan_to_num(vals), height=height, label=_task_label(col))
+        ax2.set_yticks(y, list(lb["method"]))
+        ax2.set_ylim(-0.7, len(lb) - 0.3)
+        ax2.set_xlabel("KPI (higher is better)")
+        ax2.set_title("per-task KPI (mean over scored runs)")
+        ax2.grid(axis="x", alpha=0.3)
+        ax2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def plot_weights(history: pd.DataFrame, trial_id: Any, path: str | Path, method: str | None = None) -> None:
+    """``weights.png``: task weights over epochs for one trial, with its val KPIs below when logged."""
+    rows = history[history["trial_id"].astype(str) == str(trial_id)].sort_values("epoch")
+    wcols = sorted(c for c in rows.columns if c.startswith("weight/") and rows[c].notna().any())
+    if rows.empty or not wcols:
+        raise ValueError(f"no task-weight history for trial {trial_id!r}")
+    kcols = sorted(c for c in rows.columns if c.startswith("kpi/") and rows[c].notna().any())
+    fig = _figure(8, 7 if kcols else 4)
+    axes = fig.subplots(2 if kcols else 1, 1, sharex=True, squeeze=False)
+    epochs = rows["epoch"].to_numpy(float)
+    ax = axes[0, 0]
+    for c in wcols:
+        ax.plot(epochs, rows[c].to_numpy(float), marker="o", ms=3, label=c.split("/", 1)[1])
+    title = f"task weights — trial {trial_id}"
+    if method is None and "method" in rows.columns and rows["method"].notna().any():
+        method = str(rows["method"].dropna().iloc[0])
+    if method:
+        title += f" ({method})"
+    ax.set_title(title)
+    ax.set_ylabel("weight")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if kcols:
+        axk = axes[1, 0]
+        for c in kcols:
+            axk.plot(epochs, rows[c].to_numpy(float), marker="o", ms=3, label=c.split("/", 1)[1])
+        axk.set_ylabel("val KPI")
+        axk.grid(alpha=0.3)
+        axk.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("epoch")
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+# -- outputs --------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _weights_trial(lb: pd.DataFrame, trials: pd.DataFrame, history: pd.DataFrame) -> tuple[str, str] | None:
+    """The trial whose weights to plot: best-scoring ``amtl*`` method first, then any method."""
+    if history is None or history.empty or "trial_id" not in history:
+        return None
+    wcols = [c for c in history.columns if c.startswith("weight/")]
+    if not wcols:
+        return None
+    logged = set(history.loc[history[wcols].notna().any(axis=1), "trial_id"].astype(str))
+    ranked = list(lb["method"])  # already best first
+    order = [m for m in ranked if str(m).startswith("amtl")] + [m for m in ranked if not str(m).startswith("amtl")]
+    by_val = trials.assign(_v=pd.to_numeric(trials["val_delta_m"], errors="coerce"),
+                           _id=trials["trial_id"].astype(str)).sort_values(["_v", "_id"], na_position="last")
+    for method in order:
+        best = lb.loc[lb["method"] == method, "best_trial_id"].iloc[0]
+        if not _is_missing(best) and str(best) in logged:
+            return str(best), str(method)
+        # The scoring trial may not have logged history; the method's best other logged trial will do.
+        mine = by_val[(by_val["method"] == method) & (by_val["phase"] != "potentials")
+                      & by_val["_id"].isin(logged)]
+        if len(mine):
+            return str(mine["_id"].iloc[0]), str(method)
+    return None
+
+
+def write_outputs(trials: pd.DataFrame, history: pd.DataFrame | None, out_dir: str | Path,
+                  hparam_columns: list[str], kpi_metrics: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Write ``leaderboard.{parquet,md,png}`` (and ``weights.png`` when weight history exists); return the leaderboard.
+
+    ``weights.png`` shows the best-scoring ``amtl*`` method's scoring trial (or its best logged
+    trial), else the best method with logged weights; an old ``weights.png`` is left as it is.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lb = build_leaderboard(trials, hparam_columns, kpi_metrics)
+    _atomic_write(out / "leaderboard.parquet", lambda tmp: lb.to_parquet(tmp, index=False))
+    text = to_markdown(lb)
+    _atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    plot_leaderboard(lb, trials, out / "leaderboard.png")
+    pick = _weights_trial(lb, trials, history) if history is not None else None
+    if pick is not None:
+        plot_weights(history, pick[0], out / "weights.png", method=pick[1])
+    return lb
