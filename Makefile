@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 sweep: $(STAMP)
-	$(PY) -m amtl.train --tasks segmentation,depth,normal --epochs 5 --out runs/demo
+	RAY_USAGE_STATS_ENABLED=0 $(PY) run_sweep.py --method amtl
 
 test: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) bench/trainer.py
+	$(PY) bench/balancers.py
+	$(PY) bench/sweep.py
 
 clean:
 	rm -rf $(VENV) runs .cache

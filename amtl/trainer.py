@@ -25,7 +25,7 @@ from amtl.distributed import GlobalBatchSampler, ShardSampler, all_reduce_mean_,
 from amtl.data.registry import DataSplits, build_datasets
 from amtl.models import build_model
 from amtl.models.base import MultiTaskModel
-from amtl.tasks import Task, delta_m, directions, make_task
+from amtl.tasks import Task, delta_m, directions, make_task, task_names
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "constant")
@@ -68,7 +68,8 @@ class TrainConfig:
     schedule: str = "cosine"
     device: str = "auto"
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
-    seed: int = 0
+    seed: int = 0  # initialisation, data order and stochastic balancers
+    data_seed: int = 0  # which rendered dataset: fixed across training seeds, so seeds compare like with like
     num_workers: int = 0
     threads: int | None = None
     diagnose_every: int = 0  # gradient cosines/condition number every N steps for loss weightings
@@ -90,6 +91,9 @@ class TrainConfig:
             positive("steps_per_epoch")
         if not self.tasks:
             raise ConfigError("no tasks given; pass e.g. --tasks segmentation,depth,normal")
+        unknown = [t for t in self.tasks if t not in task_names()]
+        if unknown:
+            raise ConfigError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(task_names())})")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"tasks repeat: {','.join(self.tasks)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -154,7 +158,7 @@ class Trainer:
 
         self.data = data or build_datasets(
             config.dataset, config.tasks, root=config.data_root, image_size=config.image_size,
-            n_train=config.n_train, n_val=config.n_val, n_test=config.n_test, seed=config.seed,
+            n_train=config.n_train, n_val=config.n_val, n_test=config.n_test, seed=config.data_seed,
             cache_dir=config.cache_dir, augment=config.augment)
         self.tasks: list[Task] = [make_task(t, num_classes=self.data.num_classes) for t in config.tasks]
         self.model: MultiTaskModel = build_model(config.model, self.tasks, width=config.width,
@@ -380,11 +384,13 @@ class Trainer:
         means = {t: float(sums[t]) / counts[t] for t in c.tasks if counts[t]}
         return {"train_loss": means, "train_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
 
-    def fit(self, resume: bool = True, baselines: Mapping[str, float] | None = None) -> dict[str, Any]:
+    def fit(self, resume: bool = True, baselines: Mapping[str, float] | None = None,
+            test_baselines: Mapping[str, float] | None = None) -> dict[str, Any]:
         """Train for the configured epochs (continuing from a checkpoint when ``resume``).
 
         Returns (and writes to ``out_dir/metrics.json``) ``{"val": {...}, "test": {...}, ...}`` with
-        keys ``task/metric``; with ``baselines`` (single-task metrics) also Delta-m for val and test.
+        keys ``task/metric``; with ``baselines`` (single-task val metrics; ``test_baselines`` for
+        test, default the same) also Delta-m for val and test.
         """
         c = self.config
         if resume and self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():
@@ -417,7 +423,7 @@ class Trainer:
                                   "balancer": c.balancer, "weights": self.method.weights}
         if baselines:
             result["val_delta_m"] = delta_m(val, baselines, dirs)
-            result["test_delta_m"] = delta_m(test, baselines, dirs)
+            result["test_delta_m"] = delta_m(test, test_baselines or baselines, dirs)
         if self.out_dir is not None:
             _atomic_write_text(self.out_dir / "metrics.json", json.dumps(result, indent=2, sort_keys=True))
         return result

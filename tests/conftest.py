@@ -17,3 +17,15 @@ def _shared_render_cache(tmp_path_factory):
         os.environ.pop("AMTL_CACHE_DIR", None)
     else:
         os.environ["AMTL_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (127.0.0.1 only, token auth on) for the whole test session."""
+    import ray
+
+    from sweeps.cli import connect
+
+    connect(None)
+    yield ray
+    ray.shutdown()

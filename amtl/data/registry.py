@@ -12,6 +12,8 @@ from typing import Sequence
 from torch.utils.data import Dataset, Subset
 
 DATASETS = ("scenes", "nyuv2")
+SCENE_TASKS = ("segmentation", "depth", "normal", "detection")
+NYU_TASKS = ("segmentation", "depth", "normal")
 #: Fraction of NYUv2's on-disk train split held out as val; its on-disk val split serves as test.
 NYU_VAL_FRACTION = 0.1
 
@@ -36,15 +38,15 @@ def build_datasets(name: str, tasks: Sequence[str], root: str | Path | None = No
     tasks = tuple(tasks)
     if name == "scenes":
         from amtl.data.scenes import SceneConfig, SceneDataset
-        available = ("segmentation", "depth", "normal", "detection")
-        _check_tasks(name, tasks, available)
+        available = SCENE_TASKS
+        check_tasks(name, tasks, available)
         config = SceneConfig(size=image_size, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
         train, val, test = (SceneDataset(s, config, tasks=tasks, cache_dir=cache_dir) for s in ("train", "val", "test"))
         return DataSplits(train, val, test, train.num_classes, len(train), available)
     if name == "nyuv2":
         from amtl.data.nyuv2 import NYUv2
-        available = ("segmentation", "depth", "normal")
-        _check_tasks(name, tasks, available)
+        available = NYU_TASKS
+        check_tasks(name, tasks, available)
         if root is None:
             raise DatasetConfigError("dataset 'nyuv2' needs a data root; pass --data-root DIR")
         full_train = NYUv2(root, "train", tasks=tasks, augment=augment, seed=seed)
@@ -60,7 +62,7 @@ def build_datasets(name: str, tasks: Sequence[str], root: str | Path | None = No
     raise DatasetConfigError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
 
 
-def _check_tasks(name: str, tasks: Sequence[str], available: Sequence[str]) -> None:
+def check_tasks(name: str, tasks: Sequence[str], available: Sequence[str]) -> None:
     if not tasks:
         raise DatasetConfigError("no tasks given; pass e.g. --tasks segmentation,depth,normal")
     lacking = [t for t in tasks if t not in available]

@@ -1,0 +1,77 @@
+"""Input checks that run before any Ray work, and the cluster connection.
+
+Every problem found here is *bad input*: one line naming it and the fix, exit status 2, and nothing
+already computed is touched.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from amtl.balancers import HParamError
+from amtl.data.nyuv2 import DatasetError
+from amtl.data.registry import DatasetConfigError, build_datasets
+from amtl.trainer import ConfigError, TrainConfig
+from sweeps.potentials import PotentialsError
+from sweeps.runner import SweepError, SweepOptions
+from sweeps.space import SpaceError, load_space
+from sweeps.storage import Storage, StorageError
+
+#: Exceptions that mean the user's input is wrong (exit 2), as opposed to a failure (exit 1).
+BadInput = (SweepError, SpaceError, HParamError, ConfigError, DatasetConfigError, DatasetError, StorageError,
+            PotentialsError)
+
+
+def check_options(o: SweepOptions) -> None:
+    for name in ("samples", "seeds", "epochs", "workers_per_trial"):
+        if getattr(o, name) < 1:
+            raise SweepError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
+    if o.cpus_per_trial <= 0 or o.gpus_per_trial < 0:
+        raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if o.max_concurrent is not None and o.max_concurrent < 1:
+        raise SweepError(f"--max-concurrent must be at least 1, got {o.max_concurrent}")
+    if not o.name or "/" in o.name or o.name.startswith("."):
+        raise SweepError(f"--name '{o.name}' must be a plain folder name")
+    if o.kpi is not None and o.kpi not in o.tasks:
+        raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.tasks)})")
+    if o.space is not None and not Path(o.space).is_file():
+        raise SweepError(f"--space file '{o.space}' does not exist")
+    load_space(o.methods, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
+    train = TrainConfig.from_dict(o.base_train())
+    train.validate()
+    if o.dataset == "scenes":
+        _check_scene_tasks(o)
+    else:  # real data: check the tree now, not inside the first trial
+        build_datasets(o.dataset, o.tasks, root=o.data_root, image_size=o.image_size)
+    if o.optuna_storage is not None:
+        _check_sqlalchemy_url(o.optuna_storage)
+    Storage(o.storage).check_writable()
+
+
+def _check_scene_tasks(o: SweepOptions) -> None:
+    from amtl.data.registry import SCENE_TASKS, check_tasks
+    check_tasks("scenes", o.tasks, SCENE_TASKS)
+
+
+def _check_sqlalchemy_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise SweepError("--optuna-storage is not a SQLAlchemy URL; give e.g. sqlite:///optuna.db or "
+                         "postgresql://user@host/db") from None
+
+
+def connect(address: str | None) -> None:
+    """Join ``address`` or start a local embedded cluster that listens on 127.0.0.1 only."""
+    import ray
+    if ray.is_initialized():
+        return
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
+                             f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None
+        return
+    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=False)

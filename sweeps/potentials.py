@@ -1,0 +1,100 @@
+"""Single-task potentials: AMTL's potentials and the Delta-m baselines, computed once and reused.
+
+Before a multi-task sweep, one single-task trial per task (same data, model and budget) runs as its
+own Tune experiment. Each task's best validation KPI becomes its *potential*; the single-task val and
+test metrics become the Delta-m baselines. Rows live in ``<storage>/potentials.parquet`` keyed by a
+fingerprint of dataset, model, tasks and budget, so later sweeps reuse them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from sweeps.storage import Storage
+
+FILE = "potentials.parquet"
+#: Training options that change what a single-task model can reach (the fingerprint's content).
+FINGERPRINT_FIELDS = ("dataset", "data_root", "image_size", "n_train", "n_val", "n_test", "augment", "data_seed",
+                      "model", "width", "weights_path", "epochs", "steps_per_epoch", "batch_size", "lr",
+                      "weight_decay", "optimizer", "schedule")
+
+
+class PotentialsError(ValueError):
+    """The potentials file is unreadable or does not fit this sweep."""
+
+
+@dataclass
+class Potentials:
+    """Per-task potentials and the single-task baselines of one fingerprint."""
+
+    fingerprint: str
+    potentials: dict[str, float]           # task -> best val KPI of its single-task model
+    baselines: dict[str, dict[str, float]]  # "val"/"test" -> {"task/metric": value}
+
+    def as_spec(self) -> dict[str, Any]:
+        return {"potentials": self.potentials, "baselines": self.baselines}
+
+
+def fingerprint(train: Mapping[str, Any], task: str) -> str:
+    """Identity of a single-task run: the data, model and budget it was trained with."""
+    content = {k: train.get(k) for k in FINGERPRINT_FIELDS}
+    content["task"] = task
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load(storage: Storage, train: Mapping[str, Any], tasks: Sequence[str]) -> tuple[Potentials | None, list[str]]:
+    """Cached potentials for ``tasks`` and the list of tasks still missing."""
+    if not storage.exists(FILE):
+        return None, list(tasks)
+    frame = read_frame(storage)
+    found, missing = {}, []
+    for task in tasks:
+        rows = frame[frame["fingerprint"] == fingerprint(train, task)]
+        if rows.empty:
+            missing.append(task)
+        else:
+            found[task] = rows.iloc[-1]
+    if missing:
+        return None, missing
+    return assemble(found, train, tasks), []
+
+
+def read_frame(storage: Storage) -> pd.DataFrame:
+    try:
+        frame = storage.read_parquet(FILE)
+    except Exception as err:  # pyarrow raises many types for a corrupt file
+        raise PotentialsError(f"potentials file '{storage.uri_of(FILE)}' is unreadable ({err.__class__.__name__}); "
+                              f"delete it or pass --recompute-potentials") from None
+    required = {"fingerprint", "task", "potential"}
+    if not required <= set(frame.columns):
+        raise PotentialsError(f"potentials file '{storage.uri_of(FILE)}' lacks columns "
+                              f"{sorted(required - set(frame.columns))}; delete it or pass --recompute-potentials")
+    return frame
+
+
+def assemble(rows: Mapping[str, pd.Series], train: Mapping[str, Any], tasks: Sequence[str]) -> Potentials:
+    potentials, baselines = {}, {"val": {}, "test": {}}
+    for task in tasks:
+        row = rows[task]
+        potentials[task] = float(row["potential"])
+        for split in ("val", "test"):
+            prefix = f"{split}/{task}/"
+            for column, value in row.items():
+                if isinstance(column, str) and column.startswith(prefix) and pd.notna(value):
+                    baselines[split][column[len(split) + 1:]] = float(value)
+    fp = hashlib.sha256("".join(fingerprint(train, t) for t in tasks).encode()).hexdigest()[:16]
+    return Potentials(fp, potentials, baselines)
+
+
+def save(storage: Storage, train: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add (or replace) rows ``{"task", "potential", "val/<task>/<metric>", ...}``."""
+    new = pd.DataFrame([{**row, "fingerprint": fingerprint(train, row["task"])} for row in rows])
+    if storage.exists(FILE):
+        old = read_frame(storage)
+        old = old[~old["fingerprint"].isin(new["fingerprint"])]
+        new = pd.concat([old, new], ignore_index=True)
+    storage.write_parquet(new, FILE)

@@ -1,0 +1,357 @@
+"""A sweep: single-task potentials, then the Optuna search, then the best configs rerun over seeds.
+
+Each phase is a Ray Tune experiment under ``<storage>/<name>/<phase>``; ``state.json`` records the
+phases that finished, so ``--resume`` skips them and restores the one in progress (completed trials
+are kept, running ones continue from their last epoch checkpoint). Results: ``trials.parquet`` (one
+row per trial), ``history.parquet`` (per-epoch rows), the leaderboard files, and W&B runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from sweeps import potentials as pot
+from sweeps.storage import Storage
+from sweeps.trial import FINAL_KEY, TRIAL_KEY, run_trial
+
+PHASES = ("potentials", "search", "seeds")
+STATE = "state.json"
+#: The Tune trial itself only waits on its TorchTrainer; a token of memory is its whole request
+#: (Ray rejects an empty one, and a CPU fraction would stop N one-CPU workers fitting on N cores).
+DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
+
+
+class SweepError(ValueError):
+    """Bad sweep input; the message names the problem and the fix."""
+
+
+@dataclass
+class SweepOptions:
+    """Everything ``run_sweep.py`` accepts (see its ``--help``)."""
+
+    methods: list[str] = field(default_factory=lambda: ["amtl"])
+    space: str | None = None
+    samples: int = 6
+    seeds: int = 3
+    epochs: int = 3
+    dataset: str = "scenes"
+    data_root: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["segmentation", "depth", "normal"])
+    model: str = "small"
+    image_size: int = 64
+    n_train: int = 1000
+    n_val: int = 200
+    n_test: int = 200
+    batch_size: int = 32
+    lr: float = 2e-3
+    scheduler: str = "asha"
+    max_concurrent: int | None = None
+    workers_per_trial: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None
+    storage: str = "runs/sweeps"
+    name: str = "amtl-sweep"
+    resume: bool = False
+    recompute_potentials: bool = False
+    wandb_project: str = "amtl-sweep"
+    wandb_entity: str | None = None
+    no_wandb: bool = False
+    optuna_storage: str | None = None
+    kpi: str | None = None
+    seed: int = 0
+    max_failures: int = 2
+
+    @property
+    def metric(self) -> tuple[str, str]:
+        """Tune's objective: validation Delta-m (min) unless a task's KPI is named (max)."""
+        return (f"kpi/{self.kpi}", "max") if self.kpi else ("val_delta_m", "min")
+
+    def base_train(self) -> dict[str, Any]:
+        """The TrainConfig options every trial shares before search and overrides."""
+        return {"tasks": list(self.tasks), "dataset": self.dataset, "data_root": self.data_root,
+                "image_size": self.image_size, "n_train": self.n_train, "n_val": self.n_val,
+                "n_test": self.n_test, "model": self.model, "epochs": self.epochs,
+                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "data_seed": 0,
+                "device": "cuda" if self.gpus_per_trial > 0 else "cpu", "log_every": 50}
+
+
+class Sweep:
+    """Runs the phases of one sweep; see :func:`run`."""
+
+    def __init__(self, options: SweepOptions, say: Callable[[str], None] = print) -> None:
+        self.o = options
+        self.say = say
+        self.storage = Storage(options.storage)
+        self.dir = Storage(self.storage.uri_of(options.name))
+        self.local_dir = Path(tempfile.mkdtemp(prefix="amtl-sweep-")) if not self.dir.is_local else Path(self.dir.root)
+        self.state: dict[str, Any] = {"done": [], "options": asdict(options)}
+        self.rows: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+
+    # -- state -----------------------------------------------------------------------------
+    def load_state(self) -> None:
+        exists = self.dir.exists(STATE)
+        if exists and not self.o.resume:
+            raise SweepError(f"sweep '{self.o.name}' already exists in '{self.storage.uri}'; pass --resume to "
+                             f"continue it, or choose another --name")
+        if not exists:
+            return
+        self.state = json.loads(self.dir.read_bytes(STATE))
+        if self.dir.exists("trials.parquet"):
+            self.rows = self.dir.read_parquet("trials.parquet").to_dict("records")
+        if self.dir.exists("history.parquet"):
+            self.history = self.dir.read_parquet("history.parquet").to_dict("records")
+
+    def save_state(self) -> None:
+        self.dir.write_bytes(json.dumps(self.state, indent=2, default=str).encode(), STATE)
+        if self.rows:
+            self.dir.write_parquet(pd.DataFrame(self.rows), "trials.parquet")
+        if self.history:
+            self.dir.write_parquet(pd.DataFrame(self.history), "history.parquet")
+
+    # -- shared trial spec -----------------------------------------------------------------
+    def spec(self, phase: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        o = self.o
+        spec: dict[str, Any] = {
+            "phase": phase, "train": self.o.base_train(), "workers": o.workers_per_trial,
+            "cpus_per_worker": o.cpus_per_trial / o.workers_per_trial,
+            "gpus_per_worker": o.gpus_per_trial / o.workers_per_trial,
+            "threads": max(1, int(o.cpus_per_trial / o.workers_per_trial)),
+            "train_storage": self.dir.uri_of(phase, "train"), "max_failures": o.max_failures,
+        }
+        if not o.no_wandb:
+            from sweeps.tracking import resolve_mode
+            spec["wandb"] = {"project": o.wandb_project, "entity": o.wandb_entity, "group": o.name,
+                             "job_type": phase, "tags": [], "directory": str(self.local_dir / "wandb"),
+                             "mode": resolve_mode()}
+        spec.update(extra or {})
+        return spec
+
+    def tuner(self, phase: str, param_space: dict[str, Any], tune_config: Any) -> Any:
+        from ray import tune
+
+        path = self.dir.uri_of(phase)
+        trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
+        if phase not in self.state["done"] and tune.Tuner.can_restore(path):
+            self.say(f"[{phase}] resuming the experiment in {path}")
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                      restart_errored=False)
+        run_config = tune.RunConfig(name=phase, storage_path=self.dir.uri, verbose=1,
+                                    failure_config=tune.FailureConfig(max_failures=0))
+        return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+    def concurrency(self) -> int:
+        import ray
+        if self.o.max_concurrent:
+            return self.o.max_concurrent
+        cpus = ray.cluster_resources().get("CPU", 1)
+        return max(1, int(cpus // max(self.o.cpus_per_trial, 1e-9)))
+
+    # -- phases ----------------------------------------------------------------------------
+    def run_potentials(self) -> pot.Potentials:
+        from ray import tune
+
+        train = self.o.base_train()
+        tasks = self.o.tasks
+        cached, missing = (None, list(tasks)) if self.o.recompute_potentials else pot.load(self.storage, train, tasks)
+        if cached is not None:
+            self.say(f"[potentials] reusing single-task results for {', '.join(tasks)} from "
+                     f"{self.storage.uri_of(pot.FILE)}")
+            return cached
+        self.say(f"[potentials] training single-task models for {', '.join(missing)}")
+        overrides = [{"tasks": [t], "balancer": "ew", "hparams": {}} for t in missing]
+        tuner = self.tuner("potentials", {TRIAL_KEY: self.spec("potentials"),
+                                          "override": tune.grid_search(overrides)},
+                           tune.TuneConfig(max_concurrent_trials=self.concurrency()))
+        grid = tuner.fit()
+        rows, history = collect(grid, "potentials")
+        self.rows = [r for r in self.rows if r["phase"] != "potentials"] + rows
+        self.history += history
+        failed = [r for r in rows if r["status"] != "TERMINATED"]
+        if failed:
+            raise RuntimeError(f"single-task trial(s) for {', '.join(str(r['method']) for r in failed)} failed: "
+                               f"{failed[0].get('error')}; fix the cause and rerun with --resume")
+        saved = []
+        for row in rows:
+            task = row["tasks"]
+            best_kpi = max([h[f"kpi/{task}"] for h in history if h["trial_id"] == row["trial_id"]
+                            and f"kpi/{task}" in h and _finite(h[f"kpi/{task}"])] or [row[f"kpi/{task}"]])
+            saved.append({"task": task, "potential": best_kpi,
+                          **{k: v for k, v in row.items() if k.startswith((f"val/{task}/", f"test/{task}/"))}})
+        pot.save(self.storage, train, saved)
+        result, still_missing = pot.load(self.storage, train, tasks)
+        if result is None:
+            raise RuntimeError(f"potentials for {still_missing} were not saved")
+        return result
+
+    def run_search(self, potentials: pot.Potentials) -> None:
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+        from ray.tune.search import ConcurrencyLimiter
+
+        from sweeps.space import default_storage_url, load_space, make_searcher
+
+        space = load_space(self.o.methods, Path(self.o.space) if self.o.space else None)
+        metric, mode = self.o.metric
+        storage_url = self.o.optuna_storage or (default_storage_url(self.storage.root, self.o.name)
+                                                if self.storage.is_local else None)
+        searcher = ConcurrencyLimiter(make_searcher(space, metric, mode, self.o.seed, storage_url,
+                                                    study_name=self.o.name), max_concurrent=self.concurrency())
+        # max_t one past the budget: ASHA stops a trial that *reaches* max_t, which would cut off
+        # its final report (the test metrics), sent after the last epoch with the same epoch number.
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=self.o.epochs + 1, grace_period=1, reduction_factor=2)
+                     if self.o.scheduler == "asha" else FIFOScheduler())
+        self.say(f"[search] {self.o.samples} trial(s) over {', '.join(space.methods)} "
+                 f"({self.o.scheduler}, objective {metric} {mode})")
+        tuner = self.tuner("search", {TRIAL_KEY: self.spec("search", potentials.as_spec())},
+                           tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=self.o.samples,
+                                           metric=metric, mode=mode))
+        grid = tuner.fit()
+        rows, history = collect(grid, "search")
+        self.rows = [r for r in self.rows if r["phase"] != "search"] + rows
+        self.history = [h for h in self.history if h.get("phase") != "search"] + history
+
+    def run_seeds(self, potentials: pot.Potentials) -> None:
+        from ray import tune
+
+        metric, mode = self.o.metric
+        best: dict[str, dict[str, Any]] = {}
+        for row in self.rows:
+            if row["phase"] != "search" or row["status"] != "TERMINATED" or not _finite(row.get(metric)):
+                continue
+            current = best.get(row["method"])
+            better = current is None or (row[metric] < current[metric] if mode == "min" else row[metric] > current[metric])
+            if better:
+                best[row["method"]] = row
+        if not best:
+            raise RuntimeError("no search trial finished; nothing to rerun over seeds (see trials.parquet errors)")
+        runs = [{"searched": row["searched"], "seed": seed} for row in best.values() for seed in range(self.o.seeds)]
+        self.say(f"[seeds] best config of {', '.join(best)} x {self.o.seeds} seed(s)")
+        tuner = self.tuner("seeds", {TRIAL_KEY: self.spec("seeds", potentials.as_spec()),
+                                     "seeded": tune.grid_search(runs)},
+                           tune.TuneConfig(max_concurrent_trials=self.concurrency()))
+        grid = tuner.fit()
+        rows, history = collect(grid, "seeds")
+        self.rows = [r for r in self.rows if r["phase"] != "seeds"] + rows
+        self.history = [h for h in self.history if h.get("phase") != "seeds"] + history
+
+    def run(self) -> pd.DataFrame:
+        self.load_state()
+        self.storage.check_writable()
+        self.save_state()
+        steps = [("potentials", self.run_potentials), ("search", self.run_search), ("seeds", self.run_seeds)]
+        potentials = None
+        for phase, step in steps:
+            if phase == "potentials":
+                potentials = step()
+                self.state["potentials"] = potentials.as_spec()
+            elif phase in self.state["done"]:
+                self.say(f"[{phase}] already done; skipping")
+                continue
+            else:
+                step(potentials)
+            if phase not in self.state["done"]:
+                self.state["done"].append(phase)
+            self.save_state()
+        return self.finish()
+
+    def finish(self) -> pd.DataFrame:
+        from sweeps.leaderboard import to_markdown, write_outputs
+
+        trials = trials_frame(self.rows)
+        history = pd.DataFrame(self.history) if self.history else None
+        out = self.local_dir if self.dir.is_local else Path(tempfile.mkdtemp(prefix="amtl-lb-"))
+        hparams = hparam_columns(trials)
+        board = write_outputs(trials[trials["phase"] != "potentials"], history, out, hparams)
+        self.dir.upload_dir(out)
+        self.say("\n" + to_markdown(board))
+        self.say(f"results in {self.dir.uri}")
+        if not self.o.no_wandb:
+            self.log_leaderboard(board, out)
+        return board
+
+    def log_leaderboard(self, board: pd.DataFrame, out: Path) -> None:
+        from sweeps.tracking import log_leaderboard, resolve_mode
+        images = {name: out / f"{name}.png" for name in ("leaderboard", "weights") if (out / f"{name}.png").exists()}
+        rows = json.loads(board.to_json(orient="records"))
+        log_leaderboard(project=self.o.wandb_project, entity=self.o.wandb_entity, group=self.o.name,
+                        directory=str(self.local_dir / "wandb"), mode=resolve_mode(), rows=rows, images=images)
+
+
+SHARED_COLUMNS = ("lr", "weight_decay", "batch_size", "optimizer", "schedule")
+
+
+def hparam_columns(trials: pd.DataFrame) -> list[str]:
+    """Columns of ``trials`` that are hyperparameters (balancer ones and shared trainer options)."""
+    from amtl.balancers import registry
+    names = {h for specs in registry().values() for h in specs} | set(SHARED_COLUMNS)
+    return [c for c in trials.columns if c in names and c != "potentials"]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of ``trials.parquet`` and ``history.parquet`` from a Tune ResultGrid."""
+    from sweeps.trial import resolve_trial
+
+    rows, history = [], []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        train, method, hparams, searched = resolve_trial(result.config)
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics.
+        status = "ERROR" if result.error else ("TERMINATED" if metrics.get(FINAL_KEY) else "STOPPED")
+        row: dict[str, Any] = {
+            "trial_id": trial_id, "phase": phase, "method": method, "seed": train.get("seed"),
+            "status": status, "error": _one_line(result.error) if result.error else None,
+            "tasks": ",".join(train["tasks"]), "searched": json.dumps(searched, sort_keys=True, default=str),
+            "node_id": metrics.get("node_id"), "train_seconds": metrics.get("train_seconds_total"),
+        }
+        # Hyperparameters keep their registry/trainer names as columns (metric columns contain "/").
+        for key, value in hparams.items():
+            if key != "potentials":
+                row[key] = value
+        for key in SHARED_COLUMNS:
+            row[key] = train.get(key)
+        for key, value in metrics.items():
+            if key in ("val_delta_m", "test_delta_m") or key.startswith(("val/", "test/", "kpi/", "weight/")):
+                row[key] = value
+        rows.append(row)
+        frame = result.metrics_dataframe
+        if frame is not None and not frame.empty:
+            keep = [c for c in frame.columns if c in ("epoch", "val_delta_m") or c.startswith(("weight/", "kpi/", "val/"))]
+            epochs = frame[frame[FINAL_KEY].isna()] if FINAL_KEY in frame.columns else frame
+            for record in epochs[keep].to_dict("records"):
+                history.append({"trial_id": trial_id, "phase": phase, "method": method, **record})
+    return rows, history
+
+
+def trials_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per trial; a trial id seen twice (a resumed phase) keeps its last row."""
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.drop_duplicates(subset=["phase", "trial_id"], keep="last").reset_index(drop=True)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[-1] if text else type(error).__name__)[:500]
+
+
+def run(options: SweepOptions, say: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run (or ``--resume``) a sweep and return its leaderboard."""
+    start = time.perf_counter()
+    board = Sweep(options, say).run()
+    say(f"sweep finished in {time.perf_counter() - start:.0f}s")
+    return board

@@ -1,0 +1,194 @@
+"""One Tune trial = one Ray Train ``TorchTrainer`` run of :class:`amtl.trainer.Trainer`.
+
+Ray 2.60 runs Train V2 by default, where ``Tuner(TorchTrainer(...))`` no longer works; the supported
+pattern is a Tune *function* trainable that launches a ``TorchTrainer`` per trial and forwards the
+rank-0 reports to Tune with ``TuneReportCallback``. Naming the Train run after the trial id makes a
+restored trial resume its Train run from the last epoch checkpoint.
+
+Everything a trial needs travels in its config under ``TRIAL_KEY`` (a plain dict), so this module
+holds no training math: it turns a config into a ``Trainer`` call and epochs into reports.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from amtl.trainer import CHECKPOINT, TrainConfig, Trainer
+
+#: Key of the Tune config entry that carries the fixed part of a trial (not searched).
+TRIAL_KEY = "trial"
+#: Metric set only in a trial's last report (test metrics after training finished).
+FINAL_KEY = "final"
+
+
+def flatten_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A trainer epoch record as flat metric names: ``val/depth/abs_err``, ``kpi/depth``, ``weight/depth``."""
+    flat: dict[str, Any] = {"epoch": record["epoch"], "step": record["step"],
+                            "train_seconds": record["train_seconds"], "lr": record["lr"]}
+    for key, value in record["val"].items():
+        flat[f"val/{key}"] = value
+    for group in ("kpis", "weights", "train_loss"):
+        prefix = {"kpis": "kpi", "weights": "weight", "train_loss": "train_loss"}[group]
+        for task, value in record.get(group, {}).items():
+            flat[f"{prefix}/{task}"] = value
+    if "val_delta_m" in record:
+        flat["val_delta_m"] = record["val_delta_m"]
+    return flat
+
+
+class _RayReporter:
+    """Reports each epoch to Ray Train with a checkpoint (all ranks report; rank 0 attaches it)."""
+
+    def __init__(self, logger: Any | None) -> None:
+        self.logger = logger
+        self.train_seconds = 0.0
+
+    def on_epoch(self, record: dict[str, Any], trainer: Trainer) -> None:
+        import ray.train
+
+        self.train_seconds += record["train_seconds"]
+        metrics = flatten_record(record)
+        metrics["train_seconds_total"] = self.train_seconds
+        metrics["node_id"] = _node_id()
+        if self.logger is not None:
+            self.logger.log_epoch(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if trainer.rank == 0:
+                trainer.save_checkpoint(Path(tmp) / CHECKPOINT)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _node_id() -> str:
+    import ray
+    return ray.get_runtime_context().get_node_id()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker (torch.distributed is already initialised for N > 1)."""
+    import ray.train
+
+    spec = loop_config
+    threads = max(1, int(spec.get("threads", 1)))
+    torch.set_num_threads(threads)
+    config = TrainConfig.from_dict({**spec["train"], "threads": threads})
+    rank = ray.train.get_context().get_world_rank()
+    logger = _make_logger(spec) if rank == 0 else None
+    reporter = _RayReporter(logger)
+    trainer = Trainer(config, None, callbacks=[reporter], progress=None)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.load_checkpoint(Path(directory) / CHECKPOINT)
+        reporter.train_seconds = sum(r["train_seconds"] for r in trainer.history)
+    baselines = spec.get("baselines") or {}
+    start = time.perf_counter()
+    result = trainer.fit(resume=False, baselines=baselines.get("val"), test_baselines=baselines.get("test"))
+    # "final", not "done": Tune adds its own "done" key to every result.
+    final: dict[str, Any] = {FINAL_KEY: True, "epoch": trainer.epoch, "step": trainer.step,
+                             "train_seconds_total": reporter.train_seconds, "node_id": _node_id(),
+                             "test_seconds": time.perf_counter() - start}
+    for split in ("val", "test"):
+        for key, value in result[split].items():
+            final[f"{split}/{key}"] = value
+    for key in ("val_delta_m", "test_delta_m"):
+        if key in result:
+            final[key] = result[key]
+    for task, value in trainer.kpis(result["val"]).items():
+        final[f"kpi/{task}"] = value
+    for task, value in result["weights"].items():
+        final[f"weight/{task}"] = value
+    if logger is not None:
+        logger.set_summary({k: v for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        logger.finish()
+    ray.train.report(final)
+
+
+def _make_logger(spec: Mapping[str, Any]) -> Any | None:
+    wandb_spec = spec.get("wandb")
+    if not wandb_spec:
+        return None
+    from sweeps.tracking import TrialLogger
+    return TrialLogger(**wandb_spec)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Tune function trainable: launch a ``TorchTrainer`` for this trial and wait for it."""
+    import ray.tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    spec = dict(config[TRIAL_KEY])
+    trial_id = ray.tune.get_context().get_trial_id()
+    train, method, _, _ = resolve_trial(config)
+    workers, gpus = int(spec.get("workers", 1)), float(spec.get("gpus_per_worker", 0))
+    if spec.get("wandb"):
+        spec["wandb"] = {**spec["wandb"], "run_id": trial_id, "name": trial_id,
+                         "tags": [method],
+                         "config": {"balancer": method, **_loggable(train["hparams"]),
+                                    **{k: train[k] for k in ("lr", "weight_decay", "batch_size", "seed") if k in train}}}
+    loop_config = {**spec, "train": train}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": float(spec.get("cpus_per_worker", 1)),
+                                                           **({"GPU": gpus} if gpus > 0 else {})}),
+        run_config=RunConfig(name=f"train-{trial_id}", storage_path=spec["train_storage"],
+                             callbacks=[TuneReportCallback()],
+                             failure_config=FailureConfig(max_failures=int(spec.get("max_failures", 2)))),
+    )
+    trainer.fit()
+
+
+def resolve_trial(config: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any], dict[str, Any]]:
+    """A trial's Tune config -> ``(train options, method, its hyperparameters, searched values)``.
+
+    The config holds the fixed spec under ``TRIAL_KEY`` plus, depending on the phase, the values
+    Optuna suggested (search), ``override`` (potentials: one task, EW) or ``seeded``
+    (``{"searched": ..., "seed": s}``: a search winner rerun with another seed).
+    """
+    from amtl.balancers import hparam_specs
+    from sweeps.space import split_config
+
+    spec = config[TRIAL_KEY]
+    train = {**spec["train"], **config.get("override", {})}
+    seeded = config.get("seeded")
+    if seeded:
+        searched = dict(seeded["searched"] if not isinstance(seeded["searched"], str) else json.loads(seeded["searched"]))
+        train["seed"] = seeded["seed"]
+    else:
+        searched = {k: v for k, v in config.items() if k not in (TRIAL_KEY, "override", "seeded")}
+    if searched:
+        method, hparams, shared = split_config(searched)
+        train.update(shared)
+        train["balancer"] = method
+        train["hparams"] = {**train.get("hparams", {}), **hparams}
+    method = train.get("balancer", "ew")
+    hparams = dict(train.get("hparams", {}))
+    if spec.get("potentials") and "potentials" in hparam_specs(method):
+        hparams["potentials"] = spec["potentials"]
+    train["hparams"] = hparams
+    return train, method, hparams, searched
+
+
+def _loggable(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as W&B config values (the potentials mapping becomes one entry per task)."""
+    out: dict[str, Any] = {}
+    for key, value in hparams.items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}/{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
