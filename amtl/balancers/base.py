@@ -177,7 +177,8 @@ class Aggregator(_Configurable):
             raise ValueError(f"expected a [T, D] gradient matrix with T >= 1, got shape {tuple(grads.shape)}")
         if not torch.isfinite(grads).all():
             raise ValueError("gradient matrix contains inf or nan")
-        return self.weights(gramian_of(grads)) @ grads
+        # The weights come from a float64 Gramian; combine in the gradients' own dtype.
+        return self.weights(gramian_of(grads)).to(grads.dtype) @ grads
 
 
 def gramian_of(grads: Tensor) -> Tensor:

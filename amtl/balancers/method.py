@@ -21,7 +21,7 @@ from amtl.balancers.base import Aggregator, HParam, HParamError, StepInputs, Wei
 
 SOURCES = ("shared", "last", "representation")
 #: Keyword arguments of :func:`make` that describe the run rather than the method.
-CONTEXT_KEYS = ("num_instances",)
+CONTEXT_KEYS = ("num_instances", "seed")
 SOURCE_HPARAM = HParam("source", "str", "shared", choices=SOURCES,
                        doc="gradients the aggregator sees: all shared parameters, the last shared "
                            "layer, or the shared representation (UB)")
@@ -114,7 +114,8 @@ def make(name: str, tasks: Sequence[str], **hparams: Any) -> "Method":
     w_cls = _WEIGHTINGS[weighting_name]
     # Context (facts about the run, not searchable) is offered to every method; only methods that
     # declare a key in ``context`` receive it.
-    offered = {k: hparams.pop(k) for k in CONTEXT_KEYS if k in hparams}
+    # A key that is also a declared hyperparameter (pcgrad's ``seed``) stays one as well.
+    offered = {k: hparams[k] if k in specs else hparams.pop(k) for k in CONTEXT_KEYS if k in hparams}
     context = {k: v for k, v in offered.items() if k in getattr(w_cls, "context", ())}
     unknown = sorted(set(hparams) - set(specs))
     if unknown:
@@ -192,6 +193,13 @@ class Method:
 
         ``diagnose`` asks for gradient cosines and the Gramian's condition number even when the
         method has no aggregator (then measured on the representation: cheap, heads only).
+
+        With an aggregator and ``step.representation`` given, the shared parameters are assumed to
+        reach the losses only through the representation ``z`` (the model contract). Then each task
+        costs one backward through its own head, giving ``dL_t/dz`` and the head's gradient at once;
+        the encoder is traversed once more per task for ``source='shared'`` (``z``'s vector-Jacobian
+        product with ``dL_t/dz``), and once in total for ``last``/``representation``
+        (with ``sum_t alpha_t dL_t/dz``). No head is traversed twice.
         """
         terms = self.weighting.terms(step)
         tasks = list(terms)
@@ -204,32 +212,157 @@ class Method:
             return report
 
         own = step.task_params + [p for p in self.weighting.parameters() if p.requires_grad]
-        objective = torch.stack(list(terms.values())).sum()
-        if self.source == "shared":
-            grads = _flat_grads(terms, step.shared_params, retain_graph=True)
-        elif self.source == "last":
-            grads = _flat_grads(terms, step.last_shared_params, retain_graph=True)
+        z = step.representation
+        if self.source == "representation" and z is None:
+            raise ValueError("source='representation' needs StepInputs.representation")
+        chain = z is not None and z.grad_fn is not None
+        # Gradients are always computed with autograd.grad, never read back from .grad: each row of
+        # G is one task's gradient alone. (The official AMTL trainer's PCGrad/CAGrad never zeroed
+        # .grad between its per-task backward passes, so each "task gradient" was a running sum.)
+        if chain:
+            rep = _task_pass(terms, z, own)  # [T, *z.shape]; also accumulates own params' grads
+        if self.source == "representation":
+            rows, grads = None, rep.flatten(1)
         else:
-            if step.representation is None:
-                raise ValueError("source='representation' needs StepInputs.representation")
-            grads = _flat_grads(terms, [step.representation], retain_graph=True)
+            params = step.shared_params if self.source == "shared" else step.last_shared_params
+            if not params:
+                field_name = "shared_params" if self.source == "shared" else "last_shared_params"
+                raise ValueError(f"source={self.source!r} needs StepInputs.{field_name}")
+            # The shared-source VJPs may free the encoder graph at the end: nothing traverses it later.
+            rows = (_vjp_rows(z, params, rep, release=self.source == "shared") if chain
+                    else _direct_rows(terms, params, own))
+            grads = None
+            if self.reduce_task_grads is not None or len(tasks) > _PAIRWISE_MAX_TASKS:
+                grads = _flatten_rows(rows, params)
+                rows = None
         if self.reduce_task_grads is not None:
             grads = self.reduce_task_grads(grads)
-        gramian = gramian_of(grads)
-        alpha = self.aggregator.weights(gramian).to(grads.dtype)
-        self._last_alpha = {t: float(a) for t, a in zip(tasks, alpha)}
-        report = StepReport(weights=self.weights)
-        _fill_diagnostics(report, tasks, gramian)
+        gramian = gramian_of(grads) if rows is None else _pairwise_gramian(rows)
+        alpha = self.aggregator.weights(gramian).to(gramian.device)
+        report = _report_alpha(self, tasks, alpha, gramian)
 
-        # Heads (and the weighting's own parameters) get their plain gradients.
-        if own:
-            torch.autograd.backward(objective, inputs=own, retain_graph=True)
         if self.source == "shared":
-            _assign_flat(step.shared_params, alpha @ grads)
+            if rows is None:
+                _assign_flat(step.shared_params, alpha.to(grads.dtype) @ grads)
+            else:
+                _assign_combination(step.shared_params, rows, list(self._last_alpha.values()))
+        elif chain:
+            update = torch.tensordot(alpha.to(rep.dtype), rep, dims=1)
+            torch.autograd.backward(z, update, inputs=step.shared_params)
         else:
-            weighted = torch.stack([a * terms[t] for a, t in zip(alpha, tasks)]).sum()
+            weighted = torch.stack([a * terms[t] for a, t in zip(alpha.to(terms[tasks[0]].dtype), tasks)]).sum()
             torch.autograd.backward(weighted, inputs=step.shared_params)
         return report
+
+
+def _report_alpha(method: Method, tasks: list[str], alpha: Tensor, gramian: Tensor) -> StepReport:
+    """Record alpha and the Gramian diagnostics with one device-to-host copy of each."""
+    method._last_alpha = dict(zip(tasks, alpha.detach().cpu().tolist()))
+    report = StepReport(weights=method.weights)
+    _fill_diagnostics(report, tasks, gramian)
+    return report
+
+
+def _task_pass(terms: Mapping[str, Tensor], z: Tensor, own: list[Tensor]) -> Tensor:
+    """``dterm_t/dz`` for every task, stacked; adds ``sum_t dterm_t/dp`` to ``p.grad`` for ``p`` in ``own``.
+
+    One backward per task that stops at ``z``: it traverses only that task's head.
+    """
+    rows = []
+    acc: list[Tensor | None] = [None] * len(own)
+    for term in terms.values():
+        out = torch.autograd.grad(term, [z] + own, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(z) if out[0] is None else out[0])
+        for i, g in enumerate(out[1:]):
+            if g is not None:
+                acc[i] = g if acc[i] is None else acc[i] + g
+    _accumulate(own, acc)
+    return torch.stack(rows)
+
+
+Rows = list[list[Tensor]]  # rows[t][i]: task t's gradient w.r.t. parameter i
+
+# Up to this many tasks the Gramian is summed from per-parameter dot products (T(T+1)/2 per
+# parameter), which reads each gradient once and skips copying them into a [T, D] matrix; beyond
+# it the number of small products grows faster than one flat matmul costs.
+_PAIRWISE_MAX_TASKS = 6
+
+
+def _vjp_rows(z: Tensor, params: list[Tensor], rep: Tensor, release: bool) -> Rows:
+    """Row ``t``: the gradient w.r.t. ``params`` of ``<z, rep[t]>``, i.e. task ``t``'s gradient."""
+    rows = []
+    for t in range(rep.shape[0]):
+        last = release and t == rep.shape[0] - 1
+        out = torch.autograd.grad(z, params, grad_outputs=rep[t], retain_graph=not last, allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(out, params)])
+    return rows
+
+
+def _direct_rows(terms: Mapping[str, Tensor], params: list[Tensor], own: list[Tensor]) -> Rows:
+    """Per-task gradients w.r.t. ``params`` straight from the losses (no representation given)."""
+    rows = []
+    acc: list[Tensor | None] = [None] * len(own)
+    for term in terms.values():
+        out = torch.autograd.grad(term, params + own, retain_graph=True, allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(out[:len(params)], params)])
+        for i, g in enumerate(out[len(params):]):
+            if g is not None:
+                acc[i] = g if acc[i] is None else acc[i] + g
+    _accumulate(own, acc)
+    return rows
+
+
+def _flatten_rows(rows: Rows, params: list[Tensor]) -> Tensor:
+    """The ``[T, D]`` gradient matrix (for the DDP hook, or many tasks)."""
+    ref = rows[0][0] if params else torch.zeros(0)
+    grads = torch.empty(len(rows), sum(p.numel() for p in params), dtype=ref.dtype, device=ref.device)
+    for t, row in enumerate(rows):
+        _flatten_into(grads[t], row, params)
+    return grads
+
+
+def _pairwise_gramian(rows: Rows) -> Tensor:
+    """``G G^T`` in float64 from per-parameter dot products (no ``[T, D]`` copy)."""
+    t = len(rows)
+    ref = rows[0][0]
+    entries = {}
+    for i in range(t):
+        for j in range(i, t):
+            entries[i, j] = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1))
+                                         for a, b in zip(rows[i], rows[j])]).sum()
+    flat = torch.stack([entries[min(i, j), max(i, j)] for i in range(t) for j in range(t)])
+    return flat.reshape(t, t).to(device=ref.device, dtype=torch.float64)
+
+
+def _assign_combination(params: list[Tensor], rows: Rows, alpha: list[float]) -> None:
+    """Add ``sum_t alpha_t rows[t]`` to ``.grad`` with fused multi-tensor ops (alpha from the report)."""
+    update = torch._foreach_mul(rows[0], alpha[0])
+    for row, a in zip(rows[1:], alpha[1:]):
+        torch._foreach_add_(update, row, alpha=a)
+    _accumulate(params, update)
+
+
+def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], params: list[Tensor]) -> None:
+    """Copy per-parameter gradients into one row of a flat matrix (``None``: zeros)."""
+    offset = 0
+    for g, p in zip(grads, params):
+        n = p.numel()
+        if g is None:
+            row[offset:offset + n].zero_()
+        else:
+            row[offset:offset + n].copy_(g.reshape(-1))
+        offset += n
+
+
+def _accumulate(params: list[Tensor], grads: list[Tensor | None]) -> None:
+    """Add to ``.grad`` as ``backward`` would (so gradient accumulation across calls still works)."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g.detach().clone() if g.requires_grad else g
+        else:
+            p.grad.add_(g)
 
 
 def _flat_grads(terms: Mapping[str, Tensor], inputs: list[Tensor], retain_graph: bool) -> Tensor:
@@ -243,21 +376,23 @@ def _flat_grads(terms: Mapping[str, Tensor], inputs: list[Tensor], retain_graph:
 
 
 def _assign_flat(params: list[Tensor], flat: Tensor) -> None:
+    """Add slices of ``flat`` to ``.grad``; a fresh ``.grad`` is a view of ``flat`` (no copy)."""
     offset = 0
     for p in params:
         n = p.numel()
         g = flat[offset:offset + n].view_as(p)
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g
         else:
             p.grad.add_(g)
         offset += n
 
 
 def _fill_diagnostics(report: StepReport, tasks: list[str], gramian: Tensor) -> None:
+    gramian = gramian.detach().cpu()  # one small copy; every number below is read on the host
     norms = gramian.diagonal().clamp(min=1e-30).sqrt()
-    cos = gramian / (norms[:, None] * norms[None, :])
-    report.cosines = {f"{a}|{b}": float(cos[i, j])
+    cos = (gramian / (norms[:, None] * norms[None, :])).tolist()
+    report.cosines = {f"{a}|{b}": cos[i][j]
                       for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j}
     eig = torch.linalg.eigvalsh(gramian)
     report.condition_number = float(eig[-1] / eig[0].clamp(min=1e-30))

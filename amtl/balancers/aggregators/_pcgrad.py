@@ -1,0 +1,52 @@
+"""PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020): each task gradient
+is projected off the normal plane of every other task gradient it conflicts with (negative inner
+product), visiting the others in a random order, and the projected gradients are summed. Each
+projected gradient stays a linear combination of the task gradients, so tracking its coefficients
+needs only the Gramian. The order comes from the aggregator's own seeded generator, saved in
+``state_dict``: runs resume reproducibly, and DDP ranks seeded alike draw the same order.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from amtl.balancers.aggregators._simplex import as_numpy
+from amtl.balancers.base import Aggregator, HParam
+from amtl.balancers.method import register_aggregator
+
+
+@register_aggregator
+class PCGrad(Aggregator):
+    name = "pcgrad"
+    hparams = (HParam("seed", "int", 0, low=0, doc="seed of the projection-order generator"),)
+    seed: int
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        k = as_numpy(gramian)
+        t = k.shape[0]
+        alpha = np.zeros(t)
+        for i in range(t):
+            coef = np.zeros(t)  # g_i^PC = coef @ G
+            coef[i] = 1.0
+            for j in torch.randperm(t, generator=self.generator).tolist():
+                if j == i or k[j, j] <= 0:
+                    continue
+                inner = float(k[j] @ coef)  # g_i^PC . g_j
+                if inner < 0:
+                    coef[j] -= inner / k[j, j]
+            alpha += coef
+        return torch.from_numpy(alpha).to(gramian.device, gramian.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])

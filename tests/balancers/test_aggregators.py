@@ -1,0 +1,430 @@
+"""Property tests of the gradient aggregators and of the engine in ``Method.backward``.
+
+Aggregators are checked on random gradient matrices from the samplers below (plain, badly scaled,
+mostly-conflicting, low-rank); the engine is checked against per-task ``autograd`` gradients.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from amtl.balancers import StepInputs, gramian_of, make
+from amtl.balancers.aggregators._simplex import min_norm_weights
+from amtl.balancers.method import _AGGREGATORS
+
+AGGREGATORS = sorted(_AGGREGATORS)
+DT = torch.float64
+
+
+# -- shared random matrix samplers ------------------------------------------------------------
+def plain(t: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(t, d, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def scaled(t: int, d: int, seed: int) -> torch.Tensor:
+    """Gradients whose norms span four orders of magnitude."""
+    return plain(t, d, seed) * torch.logspace(-2, 2, t, dtype=DT)[:, None]
+
+
+def conflicting(t: int, d: int, seed: int) -> torch.Tensor:
+    """A shared component plus strong task-specific ones, so most pairs conflict."""
+    g = plain(t + 1, d, seed)
+    return 0.3 * g[:1] + g[1:]
+
+
+def aligned_with_shared(t: int, d: int, seed: int) -> torch.Tensor:
+    """A dominant shared component: no pair conflicts."""
+    g = plain(t + 1, d, seed)
+    return 5.0 * g[:1] + 0.1 * g[1:]
+
+
+def low_rank(t: int, d: int, seed: int, rank: int = 2) -> torch.Tensor:
+    g = plain(t + rank, d, seed)
+    return torch.randn(t, rank, generator=torch.Generator().manual_seed(seed + 1), dtype=DT) @ g[:rank]
+
+
+SAMPLERS = [plain, scaled, conflicting]
+CASES = [(s, t, seed) for s in SAMPLERS for t in (2, 3, 5) for seed in range(3)]
+
+
+def agg(name: str, **hp):
+    return make(name, ["t"], **hp).aggregator
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm()
+
+
+# -- base-class checks ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_input_checks(name):
+    a = agg(name)
+    with pytest.raises(ValueError, match="gradient matrix"):
+        a.aggregate(torch.ones(3))
+    with pytest.raises(ValueError, match="gradient matrix"):
+        a.aggregate(torch.ones(0, 4))
+    bad = plain(3, 8, 0)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="inf or nan"):
+        a.aggregate(bad)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="inf or nan"):
+        a.aggregate(bad)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+@pytest.mark.parametrize("sampler", SAMPLERS + [low_rank])
+def test_finite_and_shaped(name, sampler):
+    g = sampler(4, 16, 1)
+    w = agg(name).weights(gramian_of(g))
+    assert w.shape == (4,) and torch.isfinite(w).all()
+    assert agg(name).aggregate(g).shape == (16,)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_single_task_and_zero_gradients(name):
+    g = plain(1, 8, 0)
+    d = agg(name, **({"max_norm": 0.0} if name == "nash" else {})).aggregate(g)
+    assert torch.allclose(unit(d), unit(g[0]))  # one task: the update follows its gradient
+    assert torch.isfinite(agg(name).aggregate(torch.zeros(3, 8, dtype=DT))).all()
+
+
+@pytest.mark.parametrize("name", [n for n in AGGREGATORS if n != "pcgrad"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_permutation_equivariant(name, sampler):
+    """Relabelling tasks permutes the weights and leaves the update unchanged."""
+    g = sampler(4, 16, 2)
+    perm = torch.tensor([2, 0, 3, 1])
+    w = agg(name).weights(gramian_of(g))
+    wp = agg(name).weights(gramian_of(g[perm]))
+    assert torch.allclose(wp, w[perm], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in AGGREGATORS if n != "nash"])
+def test_rotation_invariant(name):
+    """Only the Gramian matters: rotating every gradient rotates the update."""
+    g = conflicting(3, 6, 3)
+    q, _ = torch.linalg.qr(plain(6, 6, 4))
+    kw = {"seed": 5} if name == "pcgrad" else {}
+    assert torch.allclose(agg(name, **kw).aggregate(g @ q), agg(name, **kw).aggregate(g) @ q, atol=1e-9)
+
+
+# -- MGDA ---------------------------------------------------------------------------------------
+def _simplex_grid(t: int, n: int):
+    for c in itertools.product(range(n + 1), repeat=t - 1):
+        if sum(c) <= n:
+            yield [x / n for x in c] + [1 - sum(c) / n]
+
+
+@pytest.mark.parametrize("sampler,t,seed", [(s, t, seed) for s in SAMPLERS for t in (2, 3) for seed in range(3)])
+def test_mgda_is_min_norm(sampler, t, seed):
+    g = sampler(t, 12, seed)
+    k = gramian_of(g)
+    w = agg("mgda").weights(k)
+    assert w.min() >= -1e-12 and abs(float(w.sum()) - 1) < 1e-12
+    best = min(float(torch.tensor(c, dtype=DT) @ k @ torch.tensor(c, dtype=DT))
+               for c in _simplex_grid(t, 200 if t == 2 else 120))
+    assert float(w @ k @ w) <= best * (1 + 1e-12) + 1e-15
+    # Optimality: every gradient has at least |d|^2 projection on the min-norm point d (up to the
+    # conditioning of K: the scaled sampler spans 8 orders of magnitude).
+    assert (k @ w >= float(w @ k @ w) * (1 - 1e-6) - 1e-14 * float(k.diagonal().max())).all()
+
+
+def test_mgda_two_task_closed_form():
+    g = conflicting(2, 10, 7)
+    g1, g2 = g
+    gamma = float(((g2 - g1) @ g2) / (g1 - g2).pow(2).sum())
+    gamma = min(max(gamma, 0.0), 1.0)
+    assert torch.allclose(agg("mgda").weights(gramian_of(g)), torch.tensor([gamma, 1 - gamma], dtype=DT))
+
+
+def test_mgda_linearly_dependent_rows():
+    g = low_rank(6, 20, 0)
+    w = min_norm_weights(gramian_of(g).numpy())
+    k = gramian_of(g)
+    w = torch.from_numpy(w)
+    assert (k @ w >= float(w @ k @ w) - 1e-9 * float(k.diagonal().max())).all()
+
+
+# -- PCGrad ---------------------------------------------------------------------------------------
+def test_pcgrad_no_conflict_is_sum():
+    for seed in range(3):
+        g = aligned_with_shared(4, 16, seed)
+        assert (gramian_of(g) > 0).all()
+        assert torch.allclose(agg("pcgrad").aggregate(g), g.sum(0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pcgrad_two_tasks(seed):
+    g = conflicting(2, 16, seed)
+    if float(g[0] @ g[1]) >= 0:  # make every sample a conflicting pair rather than skip it
+        g = torch.stack([g[0], -g[1]])
+    g1, g2 = g
+    assert float(g1 @ g2) < 0
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    d = agg("pcgrad").aggregate(g)
+    assert torch.allclose(d, p1 + p2)
+    # Each projected gradient is orthogonal to the other task's gradient; the sum does not conflict.
+    assert abs(float(p1 @ g2)) < 1e-9 and abs(float(p2 @ g1)) < 1e-9
+    assert float(d @ g1) >= -1e-9 and float(d @ g2) >= -1e-9
+
+
+def test_pcgrad_reproducible_and_resumable():
+    g = conflicting(5, 16, 0)
+    a, b = agg("pcgrad", seed=3), agg("pcgrad", seed=3)
+    for _ in range(3):
+        assert torch.equal(a.aggregate(g), b.aggregate(g))
+    state = a.state_dict()
+    nxt = a.aggregate(g)
+    c = agg("pcgrad", seed=99)
+    c.load_state_dict(state)
+    assert torch.equal(c.aggregate(g), nxt)
+    # Different orders give different updates on a system with several conflicts.
+    outs = {tuple(agg("pcgrad", seed=s).aggregate(g).tolist()) for s in range(8)}
+    assert len(outs) > 1
+
+
+# -- CAGrad ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rescale", [0, 1, 2])
+def test_cagrad_c0_is_mean(rescale):
+    g = conflicting(3, 16, 0)
+    assert torch.allclose(agg("cagrad", c=0.0, rescale=rescale).aggregate(g), g.mean(0))
+
+
+@pytest.mark.parametrize("sampler,t,seed", CASES)
+def test_cagrad_solves_dual(sampler, t, seed):
+    """w minimises the dual g_w.g0 + c|g0||g_w| over the simplex (checked by random feasible points)."""
+    g = sampler(t, 16, seed)
+    k = gramian_of(g)
+    c = 0.5
+    a = agg("cagrad", c=c, rescale=0).weights(k)
+    b = torch.full((t,), 1.0 / t, dtype=DT)
+    g0 = math.sqrt(float(b @ k @ b))
+    extra = a - b  # = (c |g0| / |g_w|) w
+    w = extra / extra.sum()
+    obj = lambda v: float(v @ k @ b) + c * g0 * math.sqrt(max(float(v @ k @ v), 0.0))  # noqa: E731
+    torch.manual_seed(seed)
+    trials = torch.distributions.Dirichlet(torch.ones(t, dtype=DT)).sample((2000,))
+    trials = torch.cat([trials, torch.eye(t, dtype=DT)])
+    assert obj(w) <= min(obj(v) for v in trials) + 1e-9 * abs(obj(w)) + 1e-12
+    # The update lies on the ball |d - g0| = c |g0|.
+    d = a @ g
+    assert math.isclose(float((d - g.mean(0)).norm()), c * g0, rel_tol=1e-6)
+
+
+def test_cagrad_rescale():
+    g = conflicting(3, 16, 1)
+    base = agg("cagrad", c=0.4, rescale=0).aggregate(g)
+    assert torch.allclose(agg("cagrad", c=0.4, rescale=1).aggregate(g), base / 1.16)
+    assert torch.allclose(agg("cagrad", c=0.4, rescale=2).aggregate(g), base / 1.4)
+
+
+# -- IMTL-G ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,t,seed", CASES)
+def test_imtl_g_equal_projections(sampler, t, seed):
+    g = sampler(t, 16, seed)
+    a = agg("imtl-g").weights(gramian_of(g))
+    assert abs(float(a.sum()) - 1) < 1e-9
+    proj = (a @ g) @ (g / g.norm(dim=1, keepdim=True)).T
+    assert torch.allclose(proj, proj.mean().expand_as(proj), rtol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_imtl_g_scale_invariant(seed):
+    g = conflicting(3, 16, seed)
+    s = g.clone()
+    s[1] *= 37.0
+    assert torch.allclose(unit(agg("imtl-g").aggregate(s)), unit(agg("imtl-g").aggregate(g)))
+
+
+def test_imtl_alias():
+    m = make("imtl", ["a", "b"])
+    assert m.weighting.name == "imtl-l" and m.aggregator.name == "imtl-g"
+
+
+# -- Aligned-MTL ---------------------------------------------------------------------------------
+def _aligned_reference(k: torch.Tensor) -> torch.Tensor:
+    """The balance transformation restricted to eigenvalues above float32 noise (official tolerance)."""
+    lam, vec = torch.linalg.eigh(k)
+    keep = lam > lam.max() * k.shape[0] * torch.finfo(torch.float32).eps
+    return (vec[:, keep] * (lam[keep].min() / lam[keep]).sqrt()) @ vec[:, keep].T
+
+
+@pytest.mark.parametrize("sampler,t,seed", CASES + [(low_rank, 5, 0), (low_rank, 4, 1)])
+def test_aligned_condition_number_one(sampler, t, seed):
+    g = sampler(t, 16, seed)
+    k = gramian_of(g)
+    balance = _aligned_reference(k)
+    rank = int(torch.linalg.matrix_rank(balance))
+    assert torch.allclose(agg("aligned").weights(k), balance.sum(1), rtol=1e-8, atol=1e-12)
+    # The aligned gradients B G: their kept singular values are all equal to sqrt(lambda_min kept).
+    s = torch.linalg.svdvals(balance @ g)[:rank]
+    assert float(s.max() / s.min()) == pytest.approx(1.0, rel=1e-6)
+    if sampler is plain:
+        assert rank == t and float(s.min()) == pytest.approx(float(torch.linalg.eigvalsh(k)[0].sqrt()), rel=1e-6)
+    if sampler is low_rank:
+        assert rank == 2
+
+
+# -- Nash-MTL ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,t,seed", CASES)
+def test_nash_fixed_point(sampler, t, seed):
+    g = sampler(t, 16, seed)
+    k = gramian_of(g)
+    a = agg("nash", max_norm=0.0).weights(k)
+    assert (a > 0).all()
+    assert torch.allclose(k @ a, 1 / a, rtol=1e-6)
+
+
+def test_nash_max_norm_and_reuse():
+    g = conflicting(3, 16, 0)
+    k = gramian_of(g)
+    d = agg("nash", max_norm=0.5).aggregate(g)
+    assert float(d.norm()) == pytest.approx(0.5)  # |d|^2 = T at the solution, so it is clipped
+    a = agg("nash", max_norm=0.0, update_weights_every=2)
+    first = a.weights(k)
+    assert torch.equal(a.weights(4 * k), first)  # reused on the second step
+    assert not torch.allclose(a.weights(4 * k), first)  # solved again on the third
+    b = agg("nash", max_norm=0.0, update_weights_every=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.allclose(b.weights(k), a.weights(k))
+
+
+# -- the engine ----------------------------------------------------------------------------------
+TASKS = ["a", "b", "c"]
+
+
+class Tiny(nn.Module):
+    """Encoder (two layers, the second is the last shared layer) and one linear head per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(5, 6)
+        self.last = nn.Linear(6, 4)
+        self.heads = nn.ModuleDict({t: nn.Sequential(nn.Tanh(), nn.Linear(4, 2)) for t in TASKS})
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[StepInputs, dict]:
+        z = self.last(torch.relu(self.first(x)))
+        losses = {t: ((h(z) - y[:, 2 * i:2 * i + 2]) ** 2).mean() * (i + 1) for i, (t, h) in enumerate(self.heads.items())}
+        return StepInputs(losses=losses, shared_params=self.shared(), task_params=list(self.heads.parameters()),
+                          last_shared_params=list(self.last.parameters()), representation=z), losses
+
+    def shared(self) -> list[nn.Parameter]:
+        return list(self.first.parameters()) + list(self.last.parameters())
+
+
+def _per_task(losses: dict, inputs: list[torch.Tensor]) -> torch.Tensor:
+    rows = []
+    for loss in losses.values():
+        gs = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(gs, inputs)]))
+    return torch.stack(rows)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(7, 5, generator=gen), 3 * torch.randn(7, 6, generator=gen)
+
+
+@pytest.mark.parametrize("source, with_rep", [("shared", True), ("last", True), ("representation", True),
+                                              ("shared", False), ("last", False)])
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_engine_matches_autograd(name, source, with_rep):
+    model = Tiny()
+    x, y = _data()
+    step, losses = model.step(x, y)
+    if not with_rep:
+        step.representation = None
+    src = {"shared": step.shared_params, "last": step.last_shared_params,
+           "representation": [step.representation]}[source]
+    g_src = _per_task(losses, src)
+    g_shared = _per_task(losses, step.shared_params)
+    head = _per_task(losses, step.task_params).sum(0)
+    ref = make(name, TASKS, source=source)
+    alpha = ref.aggregator.weights(gramian_of(g_src)).to(g_src.dtype)
+    if source == "shared":  # the engine's update is what aggregate() gives on the same matrix
+        same = ref.aggregator.__class__(**ref.aggregator.hparam_values())
+        assert torch.allclose(alpha.double() @ g_src.double(), same.aggregate(g_src.double()), rtol=1e-4, atol=1e-6)
+
+    m = make(name, TASKS, source=source)
+    report = m.backward(step)
+    got_shared = torch.cat([p.grad.reshape(-1) for p in step.shared_params])
+    got_head = torch.cat([p.grad.reshape(-1) for p in step.task_params])
+    assert torch.allclose(got_shared, alpha @ g_shared, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(got_head, head, rtol=1e-5, atol=1e-7)  # heads: plain task gradients
+    assert set(report.weights) == set(TASKS) and report.condition_number is not None
+    assert len(report.cosines) == 3
+
+
+def test_engine_task_gradients_independent_of_existing_grad():
+    """Regression: each row of G is one task's gradient, whatever ``.grad`` holds already.
+
+    The official AMTL repository's PCGrad/CAGrad trainer called ``backward`` per task without zeroing
+    ``.grad`` in between, so task t's "gradient" was the sum of tasks 1..t. The engine uses
+    ``autograd.grad`` and never reads ``.grad``; stale values are only added to, as ``backward`` does.
+    """
+    model = Tiny()
+    x, y = _data()
+    step, losses = model.step(x, y)
+    g_ref = _per_task(losses, step.shared_params)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    seen = []
+    m = make("pcgrad", TASKS)
+    m.reduce_task_grads = lambda g: seen.append(g.clone()) or g
+    m.backward(step)
+    assert torch.allclose(seen[0], g_ref, rtol=1e-5, atol=1e-7)
+    alpha = torch.tensor([m._last_alpha[t] for t in TASKS], dtype=g_ref.dtype)
+    got = torch.cat([p.grad.reshape(-1) for p in step.shared_params])
+    assert torch.allclose(got, 3.0 + alpha @ g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ew+pcgrad", "uw+mgda", "imtl", "dwa+cagrad"])
+def test_engine_weighting_combinations(name):
+    model = Tiny()
+    x, y = _data()
+    step, _ = model.step(x, y)
+    m = make(name, TASKS, source="last")
+    m.backward(step)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    for p in m.parameters():  # learnable weighting parameters (UW, IMTL-L) get their gradients
+        assert p.grad is not None
+    assert set(m.weights) == set(TASKS)
+
+
+def test_engine_weights_and_diagnostics():
+    model = Tiny()
+    x, y = _data()
+    step, losses = model.step(x, y)
+    g = _per_task(losses, step.shared_params)
+    m = make("mgda", TASKS)
+    report = m.backward(step)
+    alpha = agg("mgda").weights(gramian_of(g))
+    assert report.weights == pytest.approx(dict(zip(TASKS, alpha.tolist())), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(g[0], g[1], dim=0)
+    assert report.cosines["a|b"] == pytest.approx(float(cos), rel=1e-5)
+
+
+def test_aggregate_keeps_the_gradients_dtype():
+    """Weights are solved in float64 from the Gramian, but the update keeps float32 gradients' dtype."""
+    import torch
+
+    from amtl.balancers.aggregators._mgda import MGDA
+
+    grads = torch.randn(3, 7, dtype=torch.float32)
+    update = MGDA().aggregate(grads)
+    assert update.dtype == torch.float32 and update.shape == (7,)
+
+
+def test_representation_source_without_representation_is_an_error():
+    model = Tiny()
+    step, _ = model.step(*_data())
+    step.representation = None
+    with pytest.raises(ValueError, match="representation"):
+        make("mgda", tasks=["a", "b"], source="representation").backward(step)
