@@ -13,33 +13,18 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from amtl.trainer import CHECKPOINT, TrainConfig, Trainer
+from sweeps.tracking import flatten_record
 
 #: Key of the Tune config entry that carries the fixed part of a trial (not searched).
 TRIAL_KEY = "trial"
 #: Metric set only in a trial's last report (test metrics after training finished).
 FINAL_KEY = "final"
-
-
-def flatten_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A trainer epoch record as flat metric names: ``val/depth/abs_err``, ``kpi/depth``, ``weight/depth``."""
-    flat: dict[str, Any] = {"epoch": record["epoch"], "step": record["step"],
-                            "train_seconds": record["train_seconds"], "lr": record["lr"]}
-    for key, value in record["val"].items():
-        flat[f"val/{key}"] = value
-    for group in ("kpis", "weights", "train_loss"):
-        prefix = {"kpis": "kpi", "weights": "weight", "train_loss": "train_loss"}[group]
-        for task, value in record.get(group, {}).items():
-            flat[f"{prefix}/{task}"] = value
-    if "val_delta_m" in record:
-        flat["val_delta_m"] = record["val_delta_m"]
-    return flat
 
 
 class _RayReporter:
@@ -53,11 +38,11 @@ class _RayReporter:
         import ray.train
 
         self.train_seconds += record["train_seconds"]
-        metrics = flatten_record(record)
+        metrics: dict[str, Any] = flatten_record(record)
         metrics["train_seconds_total"] = self.train_seconds
         metrics["node_id"] = _node_id()
         if self.logger is not None:
-            self.logger.log_epoch(metrics)
+            self.logger.log_epoch(record)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if trainer.rank == 0:
@@ -89,12 +74,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             trainer.load_checkpoint(Path(directory) / CHECKPOINT)
         reporter.train_seconds = sum(r["train_seconds"] for r in trainer.history)
     baselines = spec.get("baselines") or {}
-    start = time.perf_counter()
     result = trainer.fit(resume=False, baselines=baselines.get("val"), test_baselines=baselines.get("test"))
     # "final", not "done": Tune adds its own "done" key to every result.
     final: dict[str, Any] = {FINAL_KEY: True, "epoch": trainer.epoch, "step": trainer.step,
-                             "train_seconds_total": reporter.train_seconds, "node_id": _node_id(),
-                             "test_seconds": time.perf_counter() - start}
+                             "train_seconds_total": reporter.train_seconds, "node_id": _node_id()}
     for split in ("val", "test"):
         for key, value in result[split].items():
             final[f"{split}/{key}"] = value

@@ -1,0 +1,163 @@
+"""End-to-end sweeps on a real local Ray cluster, real Optuna and real W&B offline runs."""
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from amtl.tasks import delta_m, directions, make_task
+from sweeps.runner import SweepOptions, run
+from sweeps.wandb_offline import find_offline_runs, read_offline_run
+
+TASKS = ["segmentation", "depth"]
+TINY = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, epochs=2,
+            max_concurrent=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tmp_path_factory, monkeypatch_module):
+    """One small sweep: potentials for 2 tasks, 2 AMTL search trials, best config over 2 seeds."""
+    storage = tmp_path_factory.mktemp("sweeps")
+    options = SweepOptions(methods=["amtl"], samples=2, seeds=2, storage=str(storage), name="first", **TINY)
+    messages = []
+    board = run(options, say=messages.append)
+    return {"storage": storage, "dir": storage / "first", "board": board, "messages": messages, "options": options}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    mp.delenv("WANDB_API_KEY", raising=False)  # offline W&B, whatever the machine has
+    yield mp
+    mp.undo()
+
+
+def trials(sweep) -> pd.DataFrame:
+    return pd.read_parquet(sweep["dir"] / "trials.parquet")
+
+
+def test_trials_parquet_has_one_row_per_trial_with_the_columns(sweep):
+    frame = trials(sweep)
+    assert frame["trial_id"].is_unique
+    assert frame.groupby("phase").size().to_dict() == {"potentials": 2, "search": 2, "seeds": 2}
+    required = {"trial_id", "phase", "method", "seed", "status", "focusing", "margin", "lr", "val_delta_m",
+                "test_delta_m", "kpi/segmentation", "kpi/depth", "val/depth/abs_err", "test/segmentation/miou",
+                "node_id", "train_seconds"}
+    assert required <= set(frame.columns)
+    # ASHA may stop a weak search trial early (STOPPED: no test metrics); everything else finishes.
+    finishing = frame[frame["phase"] != "search"]
+    assert (finishing["status"] == "TERMINATED").all(), frame[["phase", "status", "error"]]
+    search = frame[frame["phase"] == "search"]
+    assert set(search["status"]) <= {"TERMINATED", "STOPPED"} and (search["status"] == "TERMINATED").any()
+    assert search.loc[search["status"] == "STOPPED", "test_delta_m"].isna().all()
+    assert search["focusing"].notna().all() and search["margin"].between(0, 0.2).all()
+    assert (frame["train_seconds"] > 0).all()
+    seeds = frame[frame["phase"] == "seeds"]
+    assert sorted(seeds["seed"]) == [0, 1]
+
+
+def test_potentials_feed_amtl_and_delta_m(sweep):
+    frame = trials(sweep)
+    potentials = pd.read_parquet(sweep["storage"] / "potentials.parquet")
+    assert sorted(potentials["task"]) == sorted(TASKS)
+    state = json.loads((sweep["dir"] / "state.json").read_text())
+    expected = dict(zip(potentials["task"], potentials["potential"]))
+    assert state["potentials"]["potentials"] == pytest.approx(expected)
+    # The single-task val metrics are the Delta-m baselines: recompute Delta-m of a search trial.
+    tasks = [make_task(t, num_classes=6) for t in TASKS]
+    baselines = state["potentials"]["baselines"]
+    for _, row in frame[frame["phase"] != "potentials"].iterrows():
+        val = {k[len("val/"):]: row[k] for k in frame.columns if k.startswith("val/") and pd.notna(row[k])}
+        assert row["val_delta_m"] == pytest.approx(delta_m(val, baselines["val"], directions(tasks)))
+    # Every AMTL trial received those potentials (W&B config of each trial run).
+    runs = [read_offline_run(p) for p in find_offline_runs(sweep["dir"] / "wandb")]
+    amtl_runs = [r for r in runs if r.job_type in ("search", "seeds")]
+    assert len(amtl_runs) >= 3  # a search trial stopped by ASHA may be killed before its run is written
+    for r in amtl_runs:
+        assert r.config["balancer"] == "amtl"
+        assert r.config["potentials/segmentation"] == pytest.approx(expected["segmentation"])
+
+
+def test_wandb_offline_runs_hold_history_and_the_leaderboard_table(sweep):
+    runs = [read_offline_run(p) for p in find_offline_runs(sweep["dir"] / "wandb")]
+    by_type = {}
+    for r in runs:
+        by_type.setdefault(r.job_type, []).append(r)
+    assert len(by_type["potentials"]) == 2 and len(by_type["leaderboard"]) == 1
+    frame = trials(sweep).set_index("trial_id")
+    finished = [r for r in by_type["search"] + by_type["seeds"] if frame.loc[r.run_id, "status"] == "TERMINATED"]
+    assert len(finished) == (frame["status"] == "TERMINATED").sum() - 2  # all but the potentials
+    for r in finished:
+        assert r.group == "first" and r.tags == ["amtl"]
+        epochs = [h for h in r.history if "val/segmentation/miou" in h]
+        assert [h["epoch"] for h in epochs] == [1, 2]
+        assert all("weight/depth" in h and "kpi/depth" in h for h in epochs)
+        assert epochs[-1]["val/depth/abs_err"] == pytest.approx(frame.loc[r.run_id, "val/depth/abs_err"])
+        assert r.summary["test_delta_m"] == pytest.approx(frame.loc[r.run_id, "test_delta_m"])
+    table = by_type["leaderboard"][0].tables["leaderboard"]
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [row["method"] for row in rows] == ["amtl"]
+    assert rows[0]["test_delta_m_mean"] == pytest.approx(sweep["board"]["test_delta_m_mean"].iloc[0])
+
+
+def test_leaderboard_files(sweep):
+    for name in ("leaderboard.parquet", "leaderboard.md", "leaderboard.png", "weights.png"):
+        assert (sweep["dir"] / name).stat().st_size > 0, name
+    board = pd.read_parquet(sweep["dir"] / "leaderboard.parquet")
+    seeds = trials(sweep).query("phase == 'seeds'")["test_delta_m"]
+    assert board.loc[0, "test_delta_m_mean"] == pytest.approx(seeds.mean())
+    assert board.loc[0, "n_seeds"] == 2
+    assert "amtl" in (sweep["dir"] / "leaderboard.md").read_text()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep):
+    storage = sweep["storage"]
+    options = SweepOptions(methods=["amtl"], samples=2, seeds=1, storage=str(storage), name="second", **TINY)
+    messages = []
+
+    def interrupt_at_seeds(message):
+        messages.append(message)
+        if message.startswith("[seeds]"):
+            raise KeyboardInterrupt  # the driver dies between the search and the seeds phase
+
+    with pytest.raises(KeyboardInterrupt):
+        run(options, say=interrupt_at_seeds)
+    assert any("reusing single-task results" in m for m in messages)  # potentials computed once
+    assert not (storage / "second" / "potentials").exists()
+    before = pd.read_parquet(storage / "second" / "trials.parquet")
+    assert set(before["phase"]) == {"search"}
+
+    with pytest.raises(ValueError, match="already exists.*--resume"):
+        run(options, say=lambda m: None)
+    options.resume = True
+    messages.clear()
+    run(options, say=messages.append)
+    assert any(m.startswith("[search] already done") for m in messages)
+    after = pd.read_parquet(storage / "second" / "trials.parquet")
+    search_after = after[after["phase"] == "search"].sort_values("trial_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(search_after, before.sort_values("trial_id").reset_index(drop=True),
+                                  check_like=True)
+    assert (after["phase"] == "seeds").sum() == 1 and after["trial_id"].is_unique
+
+
+def test_two_workers_per_trial_follow_one_worker(ray_cluster, tmp_path):
+    """A DDP trial (2 gloo workers, global batch 16) reports what the 1-worker trial reports."""
+    from ray import tune
+
+    from sweeps.runner import DRIVER_RESOURCES
+    from sweeps.trial import TRIAL_KEY, run_trial
+
+    train = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, epochs=2,
+                 device="cpu", log_every=50)
+    final = {}
+    for workers in (1, 2):
+        spec = {"phase": "ddp", "train": train, "workers": workers, "cpus_per_worker": 1, "threads": 1,
+                "train_storage": f"{tmp_path}/train"}
+        grid = tune.Tuner(tune.with_resources(run_trial, DRIVER_RESOURCES), param_space={TRIAL_KEY: spec},
+                          run_config=tune.RunConfig(name=f"w{workers}", storage_path=str(tmp_path), verbose=0)).fit()
+        assert not grid.errors, grid.errors
+        final[workers] = grid[0].metrics
+    compared = [k for k in final[1] if k.startswith(("val/", "test/"))]
+    assert len(compared) == 10
+    for key in compared:
+        assert final[2][key] == pytest.approx(final[1][key], rel=2e-3, abs=2e-3), key
