@@ -122,5 +122,5 @@ def test_delta_m_rejects_missing_or_zero_baselines():
 
 
 def test_unknown_task_error_lists_known():
-    with pytest.raises(ValueError, match="known: depth, normal, segmentation"):
+    with pytest.raises(ValueError, match="known: depth, detection, normal, segmentation"):
         make_task("nope")

@@ -109,7 +109,8 @@ def test_cli_single_run_writes_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--tasks", "segmentation,colour"], "no labels for task(s) colour"),
+    (["--tasks", "segmentation,colour"], "unknown task(s) colour"),
+    (["--dataset", "nyuv2", "--tasks", "detection"], "has no labels for task(s) detection"),
     (["--balancer", "nope"], "unknown balancer 'nope'"),
     (["--epochs", "-1"], "epochs must be at least 1"),
     (["--epochs", "two"], "invalid int value"),
