@@ -160,7 +160,9 @@ class Trainer:
             config.dataset, config.tasks, root=config.data_root, image_size=config.image_size,
             n_train=config.n_train, n_val=config.n_val, n_test=config.n_test, seed=config.data_seed,
             cache_dir=config.cache_dir, augment=config.augment)
-        self.tasks: list[Task] = [make_task(t, num_classes=self.data.num_classes) for t in config.tasks]
+        self.tasks: list[Task] = [make_task(t, num_classes=self.data.num_classes,
+                                             num_detection_classes=self.data.num_detection_classes)
+                                   for t in config.tasks]
         self.model: MultiTaskModel = build_model(config.model, self.tasks, width=config.width,
                                                  weights_path=config.weights_path).to(self.device)
         broadcast_([*self.model.parameters(), *self.model.buffers()])
@@ -480,7 +482,12 @@ def _set_epoch(dataset: Dataset, epoch: int) -> None:
 
 
 def _select(x: Any, mask: Tensor) -> Any:
-    return x[mask] if isinstance(x, Tensor) else [v for v, m in zip(x, mask.tolist()) if m]
+    """The samples of ``x`` where ``mask`` holds: a tensor, a dict of tensors (e.g. detection heads) or a list."""
+    if isinstance(x, Tensor):
+        return x[mask]
+    if isinstance(x, dict):
+        return {k: _select(v, mask) for k, v in x.items()}
+    return [v for v, m in zip(x, mask.tolist()) if m]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -11,11 +11,15 @@ from typing import Sequence
 
 from torch.utils.data import Dataset, Subset
 
-DATASETS = ("scenes", "nyuv2")
+DATASETS = ("scenes", "nyuv2", "voc")
 SCENE_TASKS = ("segmentation", "depth", "normal", "detection")
 NYU_TASKS = ("segmentation", "depth", "normal")
 #: Fraction of NYUv2's on-disk train split held out as val; its on-disk val split serves as test.
 NYU_VAL_FRACTION = 0.1
+VOC_TASKS = ("segmentation", "detection")
+#: Fraction of VOC's on-disk val list held out as test (VOC's own test labels are not public);
+#: the rest is val, so KPIs and test metrics come from disjoint images.
+VOC_TEST_FRACTION = 0.5
 
 
 class DatasetConfigError(ValueError):
@@ -30,6 +34,7 @@ class DataSplits:
     num_classes: int
     num_instances: int  # number of distinct training ``index`` values (instance-level methods)
     tasks: tuple[str, ...]  # tasks this dataset can label
+    num_detection_classes: int = 0  # number of object classes of the detection task (0: none)
 
 
 def build_datasets(name: str, tasks: Sequence[str], root: str | Path | None = None, image_size: int = 64,
@@ -42,7 +47,8 @@ def build_datasets(name: str, tasks: Sequence[str], root: str | Path | None = No
         check_tasks(name, tasks, available)
         config = SceneConfig(size=image_size, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
         train, val, test = (SceneDataset(s, config, tasks=tasks, cache_dir=cache_dir) for s in ("train", "val", "test"))
-        return DataSplits(train, val, test, train.num_classes, len(train), available)
+        return DataSplits(train, val, test, train.num_classes, len(train), available,
+                          num_detection_classes=len(train.detection_classes))
     if name == "nyuv2":
         from amtl.data.nyuv2 import NYUv2
         available = NYU_TASKS
@@ -59,6 +65,23 @@ def build_datasets(name: str, tasks: Sequence[str], root: str | Path | None = No
         val = Subset(plain_train, range(n - n_held, n))
         test = NYUv2(root, "val", tasks=tasks, augment=False, seed=seed)
         return DataSplits(train, val, test, full_train.num_classes, n, available)
+    if name == "voc":
+        from amtl.data.voc import VOC
+        available = VOC_TASKS
+        check_tasks(name, tasks, available)
+        if root is None:
+            raise DatasetConfigError("dataset 'voc' needs a data root (the folder holding VOCdevkit); "
+                                     "pass --data-root DIR")
+        train = VOC(root, "train", tasks=tasks, size=image_size)
+        full_val = VOC(root, "val", tasks=tasks, size=image_size)
+        n = len(full_val)
+        n_test = int(round(n * VOC_TEST_FRACTION))
+        if n - n_test < 1 or n_test < 1:
+            raise DatasetConfigError(f"VOC val list at '{root}' has {n} images; need at least 2 "
+                                     "(half is val, half is test)")
+        val, test = Subset(full_val, range(n - n_test)), Subset(full_val, range(n - n_test, n))
+        return DataSplits(train, val, test, train.num_classes, len(train), available,
+                          num_detection_classes=len(train.detection_classes))
     raise DatasetConfigError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from amtl.tasks.base import Task
 from amtl.tasks.depth import Depth
+from amtl.tasks.detection import Detection
 from amtl.tasks.normal import Normal
 from amtl.tasks.segmentation import Segmentation
 
@@ -16,11 +17,13 @@ _FACTORIES: dict[str, Callable[..., Task]] = {
     "segmentation": lambda num_classes, **_: Segmentation(num_classes),
     "depth": lambda **_: Depth(),
     "normal": lambda **_: Normal(),
+    "detection": lambda num_detection_classes=0, **_: Detection(num_detection_classes),
 }
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
-    """Register a task factory; it receives dataset facts such as ``num_classes`` as keywords."""
+    """Register a task factory; it receives dataset facts such as ``num_classes`` and
+    ``num_detection_classes`` as keywords."""
     _FACTORIES[name] = factory
 
 
@@ -65,5 +68,5 @@ def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, float],
     return 100.0 * total / len(keys)
 
 
-__all__ = ["Depth", "Normal", "Segmentation", "Task", "delta_m", "directions", "make_task",
+__all__ = ["Depth", "Detection", "Normal", "Segmentation", "Task", "delta_m", "directions", "make_task",
            "register_task", "task_names"]
