@@ -37,8 +37,8 @@ class Task(ABC):
     def metric(self) -> Metric:
         """A fresh torchmetrics ``Metric`` whose ``compute()`` returns ``{metric_name: tensor}``.
 
-        Its states are sums (confusion matrices, pixel counts), so they accumulate over a whole split
-        and reduce exactly across DDP ranks.
+        Its states are sums (confusion matrices, pixel counts) or, for detection, concatenated
+        predictions, so they accumulate over a whole split and reduce exactly across DDP ranks.
         """
 
     def loss(self, pred: Any, target: Any, has: Tensor | None = None) -> Tensor:
