@@ -62,14 +62,25 @@ def _check_sqlalchemy_url(url: str) -> None:
                          "postgresql://user@host/db") from None
 
 
+#: Ray Train V2's controller polls its workers every 2 s by default, so each state change (start,
+#: finish) waits up to that long; at 0.5 s the fixed cost of a trial fell from 16.9 s to 13.0 s
+#: (bench/sweep.py), below 5% of a 5-minute trial.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def connect(address: str | None) -> None:
     """Join ``address`` or start a local embedded cluster that listens on 127.0.0.1 only."""
+    import os
+
     import ray
     if ray.is_initialized():
         return
+    for key, value in TRAIN_ENV.items():  # a local cluster's processes inherit the driver's environment
+        os.environ.setdefault(key, value)
     if address:
-        try:
-            ray.init(address=address, log_to_driver=False)
+        try:  # on a real cluster the job's runtime environment carries it to every process
+            ray.init(address=address, log_to_driver=False,
+                     runtime_env={"env_vars": {k: os.environ[k] for k in TRAIN_ENV}})
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
                              f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None
