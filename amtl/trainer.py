@@ -278,7 +278,16 @@ class Trainer:
         # rank's balancer sees identical numbers.
         totals = all_reduce_sum_(torch.cat([sums.detach(), counts.detach()]))
         global_sums, global_counts = totals[:len(per_task)], totals[len(per_task):]
-        present = (global_counts > 0).tolist()
+        # The one device-to-host copy of the step: which tasks are present, and whether any loss is
+        # non-finite (a sum is finite exactly when the mean loss is).
+        host = totals.tolist()
+        host_sums, host_counts = host[:len(per_task)], host[len(per_task):]
+        bad = [name for (name, _, _), s, n in zip(per_task, host_sums, host_counts) if n > 0 and not math.isfinite(s)]
+        if bad:
+            raise NonFiniteLossError(
+                f"loss of task(s) {', '.join(bad)} became non-finite at epoch {self.epoch + 1}, step {self.step}; "
+                f"lower the learning rate (now {self.config.lr}) or check the balancer's hyperparameters")
+        present = [n > 0 for n in host_counts]
         losses, sample_losses, valid = {}, {}, {}
         for i, (name, per_sample, ok) in enumerate(per_task):
             if not present[i]:
@@ -297,12 +306,6 @@ class Trainer:
         step = self.compute_losses(batch)
         if not step.losses:
             raise RuntimeError("a training batch carries no label of any task")
-        values = torch.stack([l.detach() for l in step.losses.values()])
-        if not bool(torch.isfinite(values).all()):
-            bad = [t for t, v in zip(step.losses, values.tolist()) if not math.isfinite(v)]
-            raise NonFiniteLossError(
-                f"loss of task(s) {', '.join(bad)} became non-finite at epoch {self.epoch + 1}, step {self.step}; "
-                f"lower the learning rate (now {self.config.lr}) or check the balancer's hyperparameters")
         self.optimizer.zero_grad(set_to_none=True)
         diagnose = self.config.diagnose_every > 0 and self.step % self.config.diagnose_every == 0
         report = self.method.backward(step, diagnose=diagnose)
