@@ -165,6 +165,14 @@ def _remove(target: dict[str, Any], path: list[str]) -> None:
     target.pop(path[-1], None)
 
 
+def _apply(target: dict[str, Any], record: Any) -> None:
+    """Apply a config or summary record's ``update`` and ``remove`` items to ``target``."""
+    for item in record.update:
+        _set(target, _key_path(item), json.loads(item.value_json))
+    for item in record.remove:
+        _remove(target, _key_path(item))
+
+
 def _history_value(item: Any) -> Any:
     if item.value_json:
         return json.loads(item.value_json)
@@ -198,13 +206,9 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
             r = record.run
             run.run_id, run.project, run.entity = r.run_id, r.project, r.entity
             run.name, run.group, run.job_type, run.tags = r.display_name, r.run_group, r.job_type, list(r.tags)
-            for item in r.config.update:
-                _set(run.config, _key_path(item), json.loads(item.value_json))
+            _apply(run.config, r.config)
         elif kind == "config":
-            for item in record.config.update:
-                _set(run.config, _key_path(item), json.loads(item.value_json))
-            for item in record.config.remove:
-                _remove(run.config, _key_path(item))
+            _apply(run.config, record.config)
         elif kind == "history":
             row: dict[str, Any] = {}
             for item in record.history.item:
@@ -213,10 +217,7 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
                 row.setdefault("_step", record.history.step.num)
             run.history.append(row)
         elif kind == "summary":
-            for item in record.summary.update:
-                _set(run.summary, _key_path(item), json.loads(item.value_json))
-            for item in record.summary.remove:
-                _remove(run.summary, _key_path(item))
+            _apply(run.summary, record.summary)
         elif kind == "exit":
             run.finished, run.exit_code = True, record.exit.exit_code
     # wandb's own bookkeeping, not the user's config or results.

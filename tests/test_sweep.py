@@ -1,6 +1,5 @@
 """End-to-end sweeps on a real local Ray cluster, real Optuna and real W&B offline runs."""
 import json
-import math
 
 import pandas as pd
 import pytest

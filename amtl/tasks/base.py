@@ -56,8 +56,3 @@ class Task(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-
-def as_float(metrics: dict[str, Tensor]) -> dict[str, float]:
-    """Convert a ``Metric.compute()`` result to plain floats."""
-    return {k: float(v) for k, v in metrics.items()}
-

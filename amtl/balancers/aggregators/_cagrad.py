@@ -22,7 +22,6 @@ from amtl.balancers.method import register_aggregator
 
 def cagrad_dual(k: np.ndarray, radius: float, iters: int = 200) -> np.ndarray:
     """``argmin_{w in simplex} w^T K b + radius * sqrt(w^T K w)`` with ``b = 1/T`` (``radius > 0``)."""
-    t = k.shape[0]
     kb = k.mean(axis=1)
     g0_sq = float(kb.mean())
 

@@ -19,14 +19,14 @@ exponents are renormalised over the present ones; the arithmetic sum just leaves
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from amtl.balancers.base import HParam, HParamError, StepInputs, Weighting
 from amtl.balancers.method import register_weighting
-from amtl.balancers.weightings._common import ema_update, finite_kpis, geometric_terms
+from amtl.balancers.weightings._common import KpiEma, geometric_terms
 
 
 def amtl_weights(kappa: Sequence[float | None], potentials: Sequence[float], focusing: float,
@@ -40,7 +40,7 @@ def amtl_weights(kappa: Sequence[float | None], potentials: Sequence[float], foc
 
 
 @register_weighting
-class AchievementBasedMTL(Weighting):
+class AchievementBasedMTL(KpiEma, Weighting):
     name = "amtl"
     geometric = True
     needs_kpis = True
@@ -69,7 +69,7 @@ class AchievementBasedMTL(Weighting):
                               f"for every task; {'; '.join(parts)}")
         # Potentials of tasks not trained in this run are ignored (one potentials file per dataset).
         self.potentials = {t: float(given[t]) for t in self.tasks}
-        self._kappa: dict[str, float | None] = {t: None for t in self.tasks}
+        self._init_kappa()
         self._exponents = self._compute()
         self._multipliers: dict[str, Tensor] | None = None
 
@@ -98,20 +98,7 @@ class AchievementBasedMTL(Weighting):
             return dict(self._exponents)
         return {t: float(self._multipliers[t]) if t in self._multipliers else 0.0 for t in self.tasks}
 
-    @property
-    def kappa(self) -> dict[str, float | None]:
-        return dict(self._kappa)
-
-    def on_validation(self, kpis: Mapping[str, float]) -> None:
-        for t, v in finite_kpis(kpis, self.tasks).items():
-            self._kappa[t] = ema_update(self._kappa[t], v)
-        self._exponents = self._compute()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kappa": dict(self._kappa)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._kappa = {t: state["kappa"].get(t) for t in self.tasks}
+    def _kappa_changed(self) -> None:
         self._exponents = self._compute()
 
 

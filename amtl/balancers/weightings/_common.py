@@ -57,6 +57,38 @@ def finite_kpis(kpis: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, floa
     return out
 
 
+class KpiEma:
+    """Mixin: per-task EMA ``kappa`` of validation KPIs, with its save/load (AMTL and DTP).
+
+    Subclasses call ``_init_kappa()`` after ``Weighting.__init__`` and may override
+    ``_kappa_changed`` to recompute what depends on ``kappa``.
+    """
+
+    tasks: list[str]
+
+    def _init_kappa(self) -> None:
+        self._kappa: dict[str, float | None] = {t: None for t in self.tasks}
+
+    def _kappa_changed(self) -> None:
+        """Hook after ``kappa`` changed (validation or loading a checkpoint)."""
+
+    @property
+    def kappa(self) -> dict[str, float | None]:
+        return dict(self._kappa)
+
+    def on_validation(self, kpis: Mapping[str, float]) -> None:
+        for t, v in finite_kpis(kpis, self.tasks).items():
+            self._kappa[t] = ema_update(self._kappa[t], v)
+        self._kappa_changed()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kappa": dict(self._kappa)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._kappa = {t: state["kappa"].get(t) for t in self.tasks}
+        self._kappa_changed()
+
+
 def follow_device(param: Tensor, device: torch.device) -> None:
     """Move a weighting's own parameter to the losses' device in place.
 

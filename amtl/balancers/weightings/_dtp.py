@@ -11,13 +11,13 @@ of 1 follows the AMTL reference implementation of DTP (the paper tunes it per ta
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from torch import Tensor
 
 from amtl.balancers.base import HParam, StepInputs, Weighting
 from amtl.balancers.method import register_weighting
-from amtl.balancers.weightings._common import ema_update, finite_kpis
+from amtl.balancers.weightings._common import KpiEma
 
 KPI_FLOOR = 1e-6
 
@@ -28,7 +28,7 @@ def dtp_weight(kappa: float, focusing: float) -> float:
 
 
 @register_weighting
-class DynamicTaskPrioritization(Weighting):
+class DynamicTaskPrioritization(KpiEma, Weighting):
     name = "dtp"
     needs_kpis = True
     hparams = (HParam("focusing", "float", 1.0, low=0.0, high=10.0,
@@ -36,7 +36,7 @@ class DynamicTaskPrioritization(Weighting):
 
     def __init__(self, tasks: Sequence[str], **hparams: Any) -> None:
         super().__init__(tasks, **hparams)
-        self._kappa: dict[str, float | None] = {t: None for t in self.tasks}
+        self._init_kappa()
 
     def terms(self, step: StepInputs) -> dict[str, Tensor]:
         w = self.weights
@@ -45,17 +45,3 @@ class DynamicTaskPrioritization(Weighting):
     @property
     def weights(self) -> dict[str, float]:
         return {t: 1.0 if k is None else dtp_weight(k, self.focusing) for t, k in self._kappa.items()}
-
-    @property
-    def kappa(self) -> dict[str, float | None]:
-        return dict(self._kappa)
-
-    def on_validation(self, kpis: Mapping[str, float]) -> None:
-        for t, v in finite_kpis(kpis, self.tasks).items():
-            self._kappa[t] = ema_update(self._kappa[t], v)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kappa": dict(self._kappa)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._kappa = {t: state["kappa"].get(t) for t in self.tasks}
