@@ -102,6 +102,54 @@ def all_reduce_mean_(grads: Sequence[Tensor]) -> None:
         offset += g.numel()
 
 
+class Collectives:
+    """Cross-rank operations a balancer may apply to its step's data; identities with one rank.
+
+    Convention (the trainer's, see ``Trainer.compute_losses``): every rank's task loss has the
+    global batch's *value*, and a gradient ``size`` times its own shard's share of the global
+    gradient. Hence a gradient w.r.t. something all ranks share (parameters) is made global by
+    :meth:`mean_`, while a gradient w.r.t. per-sample tensors (the representation) is this rank's
+    block of the global one, divided by ``size``.
+    """
+
+    def __init__(self, size: int = 1) -> None:
+        self.size = size
+
+    @classmethod
+    def current(cls) -> "Collectives":
+        """The initialised process group's (size 1 outside one)."""
+        return cls(world()[1])
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """In-place sum over ranks; returns ``tensor``."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def mean_(self, tensor: Tensor) -> Tensor:
+        """In-place mean over ranks; returns ``tensor``."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.size
+        return tensor
+
+    def cat(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 in rank order (lengths may differ)."""
+        if self.size == 1:
+            return tensor
+        length = torch.tensor([tensor.shape[0]], device=tensor.device)
+        lengths = [torch.zeros_like(length) for _ in range(self.size)]
+        dist.all_gather(lengths, length)
+        lengths = [int(n) for n in torch.cat(lengths).tolist()]
+        # all_gather needs equal shapes: pad to the longest, then trim each rank's rows.
+        longest = max(lengths)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, lengths)])
+
+
 def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
     """Copy ``src``'s tensors to every rank (so all workers start from identical parameters)."""
     if not is_distributed():

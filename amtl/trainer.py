@@ -21,13 +21,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from amtl import balancers
 from amtl.data import collate
-from amtl.distributed import GlobalBatchSampler, ShardSampler, all_reduce_mean_, all_reduce_sum_, broadcast_, world
+from amtl.distributed import (Collectives, GlobalBatchSampler, ShardSampler, all_reduce_mean_, all_reduce_sum_,
+                              broadcast_, world)
 from amtl.data.registry import DataSplits, build_datasets
 from amtl.models import build_model
 from amtl.models.base import MultiTaskModel
 from amtl.tasks import Task, delta_m, directions, make_task, task_names
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+AMP_DTYPES = ("bfloat16", "float16")
 SCHEDULES = ("cosine", "poly", "constant")
 CHECKPOINT = "checkpoint.pt"
 # Config fields that may change between a run and its resume without changing the results' meaning.
@@ -67,7 +69,8 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "cosine"
     device: str = "auto"
-    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # autocast on CUDA; ignored on CPU
+    amp_dtype: str = "bfloat16"  # float16 adds a GradScaler (bfloat16 has float32's range and needs none)
     seed: int = 0  # initialisation, data order and stochastic balancers
     data_seed: int = 0  # which rendered dataset: fixed across training seeds, so seeds compare like with like
     num_workers: int = 0
@@ -100,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ConfigError(f"unknown amp_dtype '{self.amp_dtype}' (known: {', '.join(AMP_DTYPES)})")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{self.optimizer}' (known: {', '.join(OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
@@ -169,8 +174,10 @@ class Trainer:
         self.method = balancers.make(config.balancer, tasks=list(config.tasks),
                                      num_instances=self.data.num_instances, **config.hparams)
         self._move_method_state()
-        self._install_task_grad_reduction()
+        self.collectives = Collectives(self.world_size)
         self.optimizer = self._make_optimizer()
+        self.scaler = self._make_scaler()
+        self._scale_before = self.scaler.get_scale() if self.scaler is not None else 1.0
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -181,21 +188,6 @@ class Trainer:
         self._test_loader = self._loader(self.data.test, shuffle=False)
 
     # -- set-up ----------------------------------------------------------------------------
-    def _install_task_grad_reduction(self) -> None:
-        """With several workers, aggregators see the per-task gradients of the *global* batch."""
-        if self.world_size == 1 or self.method.aggregator is None:
-            return
-        if self.method.source == "representation":
-            # Representation gradients belong to each rank's own samples; their global Gramian is a
-            # sum over ranks, which the engine does not expose yet.
-            raise ConfigError("source='representation' with several workers is not supported; "
-                              "use source='shared' or 'last', or one worker per trial")
-
-        def mean_over_ranks(grads: Tensor) -> Tensor:
-            all_reduce_mean_([grads])
-            return grads
-        self.method.reduce_task_grads = mean_over_ranks
-
     def _move_method_state(self) -> None:
         for p in self.method.parameters():
             p.data = p.data.to(self.device)
@@ -211,6 +203,13 @@ class Trainer:
         if c.optimizer == "adamw":
             return torch.optim.AdamW(groups, lr=c.lr)
         return torch.optim.SGD(groups, lr=c.lr, momentum=0.9)
+
+    def _make_scaler(self) -> torch.amp.GradScaler | None:
+        """A loss scaler for float16 autocast on CUDA (float16's small range underflows gradients)."""
+        c = self.config
+        if c.amp and c.amp_dtype == "float16" and self.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
 
     def _lr_factor(self, step: int) -> float:
         t = min(step / max(1, self.total_steps), 1.0)
@@ -256,7 +255,7 @@ class Trainer:
 
     def _autocast(self):
         enabled = self.config.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.amp_dtype), enabled=enabled)
 
     def compute_losses(self, batch: dict[str, Any]) -> balancers.StepInputs:
         """Forward pass and masked task losses for a batch already on the device."""
@@ -300,7 +299,7 @@ class Trainer:
             losses=losses, sample_losses=sample_losses, valid=valid, sample_ids=batch["index"],
             shared_params=self.model.shared_parameters(), task_params=self.model.task_parameters(),
             last_shared_params=self.model.last_shared_parameters(), representation=representation,
-            step=self.step, epoch=self.epoch)
+            step=self.step, epoch=self.epoch, ranks=self.collectives)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[balancers.StepInputs, balancers.StepReport]:
         step = self.compute_losses(batch)
@@ -308,13 +307,36 @@ class Trainer:
             raise RuntimeError("a training batch carries no label of any task")
         self.optimizer.zero_grad(set_to_none=True)
         diagnose = self.config.diagnose_every > 0 and self.step % self.config.diagnose_every == 0
-        report = self.method.backward(step, diagnose=diagnose)
+        report = self.method.backward(step, diagnose=diagnose, loss_scale=self._loss_scale())
         self._sync_gradients()
-        self.optimizer.step()
+        stepped = self._optimizer_step()
         self.scheduler.step()
-        self.method.after_step(step)
+        if stepped:
+            # A step the scaler skipped taught nothing; the balancer's pending update (GradNorm,
+            # ILTP) is dropped too, and the next ``terms`` call replaces it.
+            self.method.after_step(step)
         self.step += 1
         return step, report
+
+    def _loss_scale(self) -> Tensor | None:
+        # ``scale`` of a one is the current scale as a device tensor: no host sync, and it
+        # initialises the scaler's state lazily as scaling a loss would.
+        return None if self.scaler is None else self.scaler.scale(torch.ones((), device=self.device))
+
+    def _optimizer_step(self) -> bool:
+        """The optimizer step, through the loss scaler if any; False when the scaler skipped it.
+
+        Every gradient has been through a cross-rank reduction by now (task gradients before
+        aggregation, the rest in :meth:`_sync_gradients`), so an inf/nan on any rank is on every
+        rank: all ranks skip together and lower the scale alike, as GradScaler does under DDP.
+        """
+        if self.scaler is None:
+            self.optimizer.step()
+            return True
+        self.scaler.step(self.optimizer)  # unscales; skips the step if any gradient is inf/nan
+        self.scaler.update()
+        before, self._scale_before = self._scale_before, self.scaler.get_scale()  # the one host sync
+        return self._scale_before >= before
 
     def _sync_gradients(self) -> None:
         """Average gradients across workers; shared ones are skipped when the aggregator already
@@ -438,7 +460,8 @@ class Trainer:
         return {"config": self.config.to_dict(), "epoch": self.epoch, "step": self.step,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(),
-                "history": self.history, "torch_rng": torch.get_rng_state()}
+                "history": self.history, "torch_rng": torch.get_rng_state(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = {k: v for k, v in state["config"].items() if k not in _RUNTIME_FIELDS}
@@ -451,6 +474,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+            self._scale_before = self.scaler.get_scale()
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
         torch.set_rng_state(state["torch_rng"])
 

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from amtl.distributed import Collectives
+
 
 class HParamError(ValueError):
     """A hyperparameter value is unknown, of the wrong type, or out of range."""
@@ -83,6 +85,8 @@ class StepInputs:
     ``sample_losses``/``valid`` give per-sample losses ``[B]`` and label validity ``[B]`` for the
     same tasks; ``sample_ids`` ``[B]`` are dataset instance indices (instance-level methods).
     The parameter lists and ``representation`` are what gradient methods differentiate against.
+    ``ranks`` turns this rank's numbers into the global batch's under data parallelism (see
+    :class:`~amtl.distributed.Collectives`); in one process its operations are identities.
     """
 
     losses: dict[str, Tensor]
@@ -95,6 +99,7 @@ class StepInputs:
     representation: Tensor | None = None
     step: int = 0
     epoch: int = 0
+    ranks: Collectives = field(default_factory=Collectives)
 
 
 class _Configurable:

@@ -8,11 +8,17 @@ The engine in :meth:`Method.backward` fills ``.grad`` of every trainable paramet
   ``representation`` (the shared representation; the "UB" variants). The aggregator turns their
   Gramian into task weights ``alpha``. Task-specific heads always receive their own plain task
   gradients; shared parameters receive ``sum_t alpha_t grad(term_t)``.
+
+Under data parallelism (``StepInputs.ranks`` of size N > 1) the aggregator sees the global batch's
+Gramian, so every rank computes the same ``alpha`` as one process would: parameter-space task
+gradients (``shared``/``last``) are averaged over ranks before the Gramian (one collective over a
+``[T, D]`` buffer), and for ``representation`` the ``[T, T]`` Gramians of the ranks' sample blocks
+are summed (divided by N^2, see :class:`~amtl.distributed.Collectives`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -144,8 +150,6 @@ class Method:
         self.source = source
         self.tasks = weighting.tasks
         self._last_alpha: dict[str, float] | None = None
-        #: Hook applied to the per-task gradient matrix before aggregation (DDP all-reduce goes here).
-        self.reduce_task_grads: Callable[[Tensor], Tensor] | None = None
 
     # -- events forwarded to the weighting ---------------------------------------------------
     def parameters(self) -> list[Tensor]:
@@ -188,8 +192,14 @@ class Method:
             self.aggregator.load_state_dict(state.get("aggregator", {}))
 
     # -- the engine ------------------------------------------------------------------------
-    def backward(self, step: StepInputs, diagnose: bool = False) -> StepReport:
+    def backward(self, step: StepInputs, diagnose: bool = False, loss_scale: Tensor | float | None = None) -> StepReport:
         """Fill ``.grad`` of model and weighting parameters for one step.
+
+        ``loss_scale`` (fp16 mixed precision: ``GradScaler.scale``'s factor) multiplies every term
+        before differentiation, so ``.grad`` holds ``loss_scale`` times the gradient exactly as after
+        ``scaler.scale(loss).backward()``; the aggregator still sees the unscaled Gramian. If that
+        Gramian is not finite (an inf/nan task gradient) the aggregator is skipped and ``alpha`` is
+        all ones: the update is then non-finite too, and the scaler skips the step.
 
         ``diagnose`` asks for gradient cosines and the Gramian's condition number even when the
         method has no aggregator (then measured on the representation: cheap, heads only).
@@ -208,8 +218,11 @@ class Method:
             if diagnose and step.representation is not None and len(tasks) > 1:
                 grads = _flat_grads(terms, [step.representation], retain_graph=True)
                 _fill_diagnostics(report, tasks, gramian_of(grads))
-            torch.stack(list(terms.values())).sum().backward()
+            objective = torch.stack(list(terms.values())).sum()
+            (objective if loss_scale is None else objective * loss_scale).backward()
             return report
+        if loss_scale is not None:
+            terms = {t: term * loss_scale for t, term in terms.items()}
 
         own = step.task_params + [p for p in self.weighting.parameters() if p.requires_grad]
         z = step.representation
@@ -232,13 +245,26 @@ class Method:
             rows = (_vjp_rows(z, params, rep, release=self.source == "shared") if chain
                     else _direct_rows(terms, params, own))
             grads = None
-            if self.reduce_task_grads is not None or len(tasks) > _PAIRWISE_MAX_TASKS:
+            if step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS:
                 grads = _flatten_rows(rows, params)
                 rows = None
-        if self.reduce_task_grads is not None:
-            grads = self.reduce_task_grads(grads)
+            if step.ranks.size > 1:
+                # Parameters are shared by all ranks: the global task gradients are the rank mean.
+                step.ranks.mean_(grads)
         gramian = gramian_of(grads) if rows is None else _pairwise_gramian(rows)
-        alpha = self.aggregator.weights(gramian).to(gramian.device)
+        if self.source == "representation" and step.ranks.size > 1:
+            # Each rank holds its own samples' block of the global dL_t/dz (times N), so the global
+            # Gramian is the sum of the blocks' Gramians over N^2: one [T, T] collective.
+            gramian = step.ranks.sum_(gramian) / step.ranks.size ** 2
+        if loss_scale is not None:
+            gramian = gramian / torch.as_tensor(loss_scale, dtype=gramian.dtype, device=gramian.device) ** 2
+        if loss_scale is None or bool(torch.isfinite(gramian).all()):
+            alpha = self.aggregator.weights(gramian).to(gramian.device)
+        else:
+            # An overflowed scaled gradient: the scaler will skip this step on every rank (the
+            # Gramian is global, so all ranks land here); solvers must not see the inf/nan.
+            gramian = torch.eye(len(tasks), dtype=gramian.dtype, device=gramian.device)
+            alpha = torch.ones(len(tasks), dtype=gramian.dtype, device=gramian.device)
         report = _report_alpha(self, tasks, alpha, gramian)
 
         if self.source == "shared":
@@ -313,7 +339,7 @@ def _direct_rows(terms: Mapping[str, Tensor], params: list[Tensor], own: list[Te
 
 
 def _flatten_rows(rows: Rows, params: list[Tensor]) -> Tensor:
-    """The ``[T, D]`` gradient matrix (for the DDP hook, or many tasks)."""
+    """The ``[T, D]`` gradient matrix (for the cross-rank mean, or many tasks)."""
     ref = rows[0][0] if params else torch.zeros(0)
     grads = torch.empty(len(rows), sum(p.numel() for p in params), dtype=ref.dtype, device=ref.device)
     for t, row in enumerate(rows):

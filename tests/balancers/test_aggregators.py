@@ -15,6 +15,7 @@ from torch import nn
 from amtl.balancers import StepInputs, gramian_of, make
 from amtl.balancers.aggregators._simplex import min_norm_weights
 from amtl.balancers.method import _AGGREGATORS
+from amtl.distributed import Collectives
 
 AGGREGATORS = sorted(_AGGREGATORS)
 DT = torch.float64
@@ -319,6 +320,22 @@ class Tiny(nn.Module):
         return list(self.first.parameters()) + list(self.last.parameters())
 
 
+class TwoIdenticalRanks(Collectives):
+    """Two ranks that hold the same batch, so every mean over them is the identity; records its inputs.
+
+    Stands in for the process group only (the engine under test is real); the real group is
+    exercised by tests/test_distributed.py.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(size=2)
+        self.seen: list[torch.Tensor] = []
+
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tensor.clone())
+        return tensor
+
+
 def _per_task(losses: dict, inputs: list[torch.Tensor]) -> torch.Tensor:
     rows = []
     for loss in losses.values():
@@ -375,11 +392,10 @@ def test_engine_task_gradients_independent_of_existing_grad():
     g_ref = _per_task(losses, step.shared_params)
     for p in model.parameters():
         p.grad = torch.full_like(p, 3.0)
-    seen = []
+    step.ranks = TwoIdenticalRanks()  # makes the engine form the [T, D] matrix and hand it over
     m = make("pcgrad", TASKS)
-    m.reduce_task_grads = lambda g: seen.append(g.clone()) or g
     m.backward(step)
-    assert torch.allclose(seen[0], g_ref, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(step.ranks.seen[0], g_ref, rtol=1e-5, atol=1e-7)
     alpha = torch.tensor([m._last_alpha[t] for t in TASKS], dtype=g_ref.dtype)
     got = torch.cat([p.grad.reshape(-1) for p in step.shared_params])
     assert torch.allclose(got, 3.0 + alpha @ g_ref, rtol=1e-5, atol=1e-6)
@@ -428,3 +444,31 @@ def test_representation_source_without_representation_is_an_error():
     step.representation = None
     with pytest.raises(ValueError, match="representation"):
         make("mgda", tasks=["a", "b"], source="representation").backward(step)
+
+
+@pytest.mark.parametrize("source", ["shared", "last", "representation"])
+def test_engine_loss_scale_scales_grads_not_alpha(source):
+    """fp16 loss scaling: ``.grad`` holds scale x gradient (as ``scaler.scale(loss).backward()``
+    would) while the aggregator sees the unscaled Gramian; nash's weights depend on its scale."""
+    grads, alphas = [], []
+    for scale in (None, 2.0 ** 12):
+        model = Tiny()
+        step, _ = model.step(*_data())
+        m = make("nash", TASKS, source=source)
+        m.backward(step, loss_scale=scale)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        alphas.append(list(m._last_alpha.values()))
+    assert alphas[1] == pytest.approx(alphas[0], rel=1e-5)
+    torch.testing.assert_close(grads[1] / 2.0 ** 12, grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_engine_overflowed_scaled_gradient_skips_the_solver():
+    """An inf in one task's scaled gradient: the solver is not run on it, and the update is
+    non-finite, so a GradScaler skips the step."""
+    model = Tiny()
+    step, _ = model.step(*_data())
+    step.losses["b"] = step.losses["b"] * float("inf")  # the scaled loss overflowed
+    m = make("mgda", TASKS)
+    m.backward(step, loss_scale=torch.tensor(2.0 ** 16))
+    assert set(m._last_alpha.values()) == {1.0}
+    assert not all(torch.isfinite(p.grad).all() for p in step.shared_params)

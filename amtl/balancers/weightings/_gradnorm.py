@@ -8,9 +8,10 @@ task appeared) and ``r_t = Lhat_t / mean(Lhat)``, the weights minimise
 (lr ``w_lr``, 0.025 as in the paper), then are renormalised to sum to T and kept positive.
 
 Design: :meth:`terms` measures ``||grad_W L_t||`` (one extra backward per task, to ``W`` only, with
-the graph retained) and returns ``w_t L_t`` with the *current* weights detached, so the model's
-gradient is exactly ``sum_t w_t grad L_t``; the weight update happens in :meth:`after_step` and takes
-effect from the next step, as in the paper. Tasks absent from a step keep their weights; the present
+the graph retained; under data parallelism the ``[T, |W|]`` gradients are averaged over ranks first,
+so every rank measures the global gradient) and returns ``w_t L_t`` with the *current* weights
+detached, so the model's gradient is exactly ``sum_t w_t grad L_t``; the weight update happens in
+:meth:`after_step` and takes effect from the next step, as in the paper. Tasks absent from a step keep their weights; the present
 ones are renormalised so that all T still sum to T.
 """
 from __future__ import annotations
@@ -51,14 +52,16 @@ class GradNorm(Weighting):
         if not params:
             raise ValueError("'gradnorm' needs StepInputs.last_shared_params (the last shared layer)")
         if all(step.losses[t].requires_grad for t in tasks):
-            norms = []
+            rows = []
             for t in tasks:
                 grads = torch.autograd.grad(step.losses[t], params, retain_graph=True, allow_unused=True)
-                sq = sum(((g.detach().float() ** 2).sum() for g in grads if g is not None),
-                         torch.zeros((), device=step.losses[t].device))
-                norms.append(sq.sqrt())
+                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g.detach()).float().reshape(-1)
+                                       for g, p in zip(grads, params)]))
+            # Norms of the *global* task gradients: with several ranks, averaging the [T, D] rows is
+            # the global gradient (a mean of rank norms would not be its norm).
+            norms = step.ranks.mean_(torch.stack(rows)).norm(dim=1)
             losses = torch.stack([step.losses[t].detach().float().reshape(()) for t in tasks])
-            self._pending = (idx, torch.stack(norms).cpu(), losses.cpu())
+            self._pending = (idx, norms.cpu(), losses.cpu())
             for i, loss in zip(idx, losses.tolist()):
                 if torch.isnan(self._initial[i]):
                     self._initial[i] = loss

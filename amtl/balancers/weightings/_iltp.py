@@ -14,7 +14,9 @@ Design:
   value bounds the up-weighting (``s >= -1/weight_decay``).
 - The model sees the task term ``mean_{i valid} exp(-s_it) l_it`` (weights detached), so its gradient
   is exactly the instance-weighted task loss. ``step.sample_losses``/``step.valid``/``step.sample_ids``
-  are required; the task term is the mean over valid samples of the per-sample losses.
+  are required; the task term is the mean over valid samples of the per-sample losses. Under data
+  parallelism each rank gathers the global batch's ids and losses, and updates every instance in it,
+  so the tables of all ranks stay identical.
 - The parameters live in an ``nn.Embedding(num_instances, T, sparse=True)`` with its own
   :class:`torch.optim.SparseAdam` (lr ``w_lr``): :meth:`after_step` updates only the rows of the
   instances in the batch (the regulariser too, so unseen instances stay at their initial value).
@@ -68,25 +70,53 @@ class InstanceLevelTaskParameters(Weighting):
     def terms(self, step: StepInputs) -> dict[str, Tensor]:
         if step.sample_ids is None:
             raise ValueError("'iltp' needs StepInputs.sample_ids (dataset instance indices)")
-        out: dict[str, Tensor] = {}
-        self._pending, self._batch_weights = [], {}
-        for t, loss in step.losses.items():
+        tasks = list(step.losses)
+        for t in tasks:
             if t not in step.sample_losses:
                 raise ValueError(f"'iltp' needs StepInputs.sample_losses[{t!r}] (per-sample losses)")
-            per = step.sample_losses[t].reshape(-1)
-            self._to(per.device)
-            valid = step.valid.get(t)
-            valid = torch.ones_like(per, dtype=torch.bool) if valid is None else valid.reshape(-1).bool()
-            ids = step.sample_ids.reshape(-1).to(per.device)[valid]
-            per = per[valid]  # invalid entries may hold garbage (nan): drop, do not multiply by 0
+        local = [(step.sample_losses[t].reshape(-1), self._valid(step, t)) for t in tasks]
+        self._to(local[0][0].device)
+        ids, losses, valid = self._global_batch(step.sample_ids, local, step)
+        out: dict[str, Tensor] = {}
+        self._pending, self._batch_weights = [], {}
+        own_ids = step.sample_ids.reshape(-1).to(local[0][0].device)
+        for k, (t, (per, ok)) in enumerate(zip(tasks, local)):
             j = self.tasks.index(t)
             with torch.no_grad():
-                w = torch.exp(-self._table.weight[ids, j]).to(per.dtype)
-            out[t] = (w * per).sum() / max(per.numel(), 1)
+                w = torch.exp(-self._table.weight[own_ids[ok], j]).to(per.dtype)
+            # The mean over the global batch's valid samples, scaled like the trainer's losses (this
+            # rank's share times the number of ranks); invalid entries may hold garbage (nan), so
+            # they are dropped, not multiplied by 0.
+            count = valid[:, k].sum().clamp_min(1).to(per.dtype)
+            out[t] = (w * per[ok]).sum() * step.ranks.size / count
             if per.requires_grad:
-                self._pending.append((j, ids, per.detach()))
-            self._batch_weights[t] = w
+                self._pending.append((j, ids[valid[:, k]], losses[valid[:, k], k]))
+            with torch.no_grad():
+                self._batch_weights[t] = torch.exp(-self._table.weight[ids[valid[:, k]], j])
         return out
+
+    @staticmethod
+    def _valid(step: StepInputs, task: str) -> Tensor:
+        per = step.sample_losses[task].reshape(-1)
+        valid = step.valid.get(task)
+        return torch.ones_like(per, dtype=torch.bool) if valid is None else valid.reshape(-1).bool()
+
+    @staticmethod
+    def _global_batch(sample_ids: Tensor, local: list[tuple[Tensor, Tensor]],
+                      step: StepInputs) -> tuple[Tensor, Tensor, Tensor]:
+        """Instance ids ``[B]``, detached losses ``[B, T]`` and validity ``[B, T]`` of the global batch.
+
+        Every rank updates the instances of *all* ranks, with identical inputs, so the tables stay
+        identical (one gather of a ``[b, 1 + 2T]`` float64 buffer; ids are exact in float64).
+        """
+        device = local[0][0].device
+        rows = [sample_ids.reshape(-1, 1).to(device, torch.float64)]
+        rows += [torch.where(ok, per.detach(), 0).to(torch.float64)[:, None] for per, ok in local]
+        rows += [ok.to(torch.float64)[:, None] for _, ok in local]
+        gathered = step.ranks.cat(torch.cat(rows, dim=1))
+        t = len(local)
+        return (gathered[:, 0].long(), gathered[:, 1:1 + t].to(local[0][0].dtype),
+                gathered[:, 1 + t:] > 0.5)
 
     def after_step(self, step: StepInputs) -> None:
         if not self._pending:
