@@ -177,7 +177,6 @@ class Trainer:
         self.collectives = Collectives(self.world_size)
         self.optimizer = self._make_optimizer()
         self.scaler = self._make_scaler()
-        self._scale_before = self.scaler.get_scale() if self.scaler is not None else 1.0
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -333,10 +332,11 @@ class Trainer:
         if self.scaler is None:
             self.optimizer.step()
             return True
+        # ``step`` syncs with the host anyway (to read its inf flag), so reading the scale is cheap.
+        before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)  # unscales; skips the step if any gradient is inf/nan
         self.scaler.update()
-        before, self._scale_before = self._scale_before, self.scaler.get_scale()  # the one host sync
-        return self._scale_before >= before
+        return self.scaler.get_scale() >= before  # update() lowers the scale exactly when it skipped
 
     def _sync_gradients(self) -> None:
         """Average gradients across workers; shared ones are skipped when the aggregator already
@@ -476,7 +476,6 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-            self._scale_before = self.scaler.get_scale()
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
         torch.set_rng_state(state["torch_rng"])
 
