@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=d.n_test)
     p.add_argument("--augment", action="store_true", help="random scale-crop and flip (NYUv2)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
+    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
+    p.add_argument("--amp-dtype", default=d.amp_dtype,
+                   help="autocast dtype on CUDA: bfloat16, or float16 (adds a gradient scaler)")
     p.add_argument("--seed", type=int, default=d.seed, help="initialisation, data order, stochastic balancers")
     p.add_argument("--data-seed", type=int, default=d.data_seed, help="which rendered dataset (kept across --seed)")
     p.add_argument("--num-workers", type=int, default=d.num_workers)
@@ -86,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         n_test=args.n_test, augment=args.augment, model=args.model, weights_path=args.weights_path,
         balancer=args.balancer, hparams=hparams, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
-        schedule=args.schedule, device=args.device, amp=not args.no_amp, seed=args.seed, data_seed=args.data_seed,
+        schedule=args.schedule, device=args.device, amp=not args.no_amp, amp_dtype=args.amp_dtype, seed=args.seed, data_seed=args.data_seed,
         num_workers=args.num_workers, threads=args.threads, diagnose_every=args.diagnose_every,
         cache_dir=args.cache_dir)
 

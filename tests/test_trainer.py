@@ -80,12 +80,28 @@ def test_task_without_labels_in_batch_is_left_out(tmp_path):
     assert step.losses["depth"].item() == pytest.approx(only_first[0].item())
 
 
+@pytest.mark.parametrize("balancer, hparams", [("uw", {}), ("nash", {"source": "representation"})])
+def test_loss_scaled_steps_equal_unscaled_steps(balancer, hparams):
+    """The float16 path's GradScaler (here its CPU twin, as CUDA is not needed for the logic): a
+    power-of-two scale is exact, so scaled steps (model, UW's own parameters, Nash's scale-dependent
+    weights) must equal unscaled ones."""
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 14)):
+        trainer = Trainer(tiny(epochs=1, balancer=balancer, hparams=hparams, optimizer="sgd"), None, progress=None)
+        trainer.scaler = scaler
+        trainer.fit()
+        runs.append([p.detach().clone() for p in [*trainer.model.parameters(), *trainer.method.parameters()]])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("bad, fragment", [
     (dict(epochs=0), "epochs must be at least 1"),
     (dict(batch_size=-1), "batch_size"),
     (dict(lr=-1.0), "lr must be a positive"),
     (dict(optimizer="lbfgs"), "unknown optimizer"),
     (dict(tasks=()), "no tasks"),
+    (dict(amp_dtype="float8"), "unknown amp_dtype 'float8'"),
 ])
 def test_bad_config_is_rejected(bad, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -119,6 +135,7 @@ def test_cli_single_run_writes_metrics(tmp_path):
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--model", "vgg"], "unknown model 'vgg'"),
     (["--device", "tpu"], "device must be"),
+    (["--amp-dtype", "half"], "unknown amp_dtype 'half' (known: bfloat16, float16)"),
 ])
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, args, fragment):
     from amtl.train import main
