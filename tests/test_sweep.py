@@ -140,14 +140,17 @@ def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep
 
 
 def test_two_workers_per_trial_follow_one_worker(ray_cluster, tmp_path):
-    """A DDP trial (2 gloo workers, global batch 16) reports what the 1-worker trial reports."""
+    """A DDP trial (2 gloo workers, global batch 16) reports what the 1-worker trial reports.
+
+    With a nonlinear aggregator on the representation gradients (Nash-MTL's weights also depend on
+    the Gramian's scale), so the cross-rank Gramian must be exact, not only the loss average."""
     from ray import tune
 
     from sweeps.runner import DRIVER_RESOURCES
     from sweeps.trial import TRIAL_KEY, run_trial
 
     train = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, epochs=2,
-                 device="cpu", log_every=50)
+                 device="cpu", log_every=50, balancer="nash", hparams={"source": "representation"})
     final = {}
     for workers in (1, 2):
         spec = {"phase": "ddp", "train": train, "workers": workers, "cpus_per_worker": 1, "threads": 1,
