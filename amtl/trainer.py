@@ -464,7 +464,9 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = {k: v for k, v in state["config"].items() if k not in _RUNTIME_FIELDS}
+        # Options added since the checkpoint was written take their defaults (what the run used).
+        saved = {**TrainConfig().to_dict(), **state["config"]}
+        saved = {k: v for k, v in saved.items() if k not in _RUNTIME_FIELDS}
         now = {k: v for k, v in self.config.to_dict().items() if k not in _RUNTIME_FIELDS}
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))

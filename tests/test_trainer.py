@@ -54,6 +54,15 @@ def test_resume_with_other_options_is_refused(tmp_path):
         Trainer(tiny(epochs=2, lr=0.5), tmp_path, progress=None).fit()
 
 
+def test_checkpoint_from_before_an_option_existed_resumes():
+    """A checkpoint written before ``amp_dtype`` existed was made with its default: it resumes."""
+    state = Trainer(tiny(), None, progress=None).state_dict()
+    del state["config"]["amp_dtype"]
+    Trainer(tiny(), None, progress=None).load_state_dict(state)
+    with pytest.raises(ConfigError, match="amp_dtype"):
+        Trainer(tiny(amp_dtype="float16"), None, progress=None).load_state_dict(state)
+
+
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     trainer = Trainer(tiny(epochs=2), tmp_path, progress=None)
     trainer.fit()

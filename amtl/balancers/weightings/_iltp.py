@@ -71,6 +71,8 @@ class InstanceLevelTaskParameters(Weighting):
         if step.sample_ids is None:
             raise ValueError("'iltp' needs StepInputs.sample_ids (dataset instance indices)")
         tasks = list(step.losses)
+        if not tasks:
+            return {}
         for t in tasks:
             if t not in step.sample_losses:
                 raise ValueError(f"'iltp' needs StepInputs.sample_losses[{t!r}] (per-sample losses)")
