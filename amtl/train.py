@@ -88,7 +88,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         n_test=args.n_test, augment=args.augment, model=args.model, weights_path=args.weights_path,
         balancer=args.balancer, hparams=hparams, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
-        schedule=args.schedule, device=args.device, amp=not args.no_amp, amp_dtype=args.amp_dtype, seed=args.seed, data_seed=args.data_seed,
+        schedule=args.schedule, device=args.device, amp=not args.no_amp, amp_dtype=args.amp_dtype, seed=args.seed,
+        data_seed=args.data_seed,
         num_workers=args.num_workers, threads=args.threads, diagnose_every=args.diagnose_every,
         cache_dir=args.cache_dir)
 

@@ -192,7 +192,8 @@ class Method:
             self.aggregator.load_state_dict(state.get("aggregator", {}))
 
     # -- the engine ------------------------------------------------------------------------
-    def backward(self, step: StepInputs, diagnose: bool = False, loss_scale: Tensor | float | None = None) -> StepReport:
+    def backward(self, step: StepInputs, diagnose: bool = False,
+                 loss_scale: Tensor | float | None = None) -> StepReport:
         """Fill ``.grad`` of model and weighting parameters for one step.
 
         ``loss_scale`` (fp16 mixed precision: ``GradScaler.scale``'s factor) multiplies every term

@@ -11,8 +11,8 @@ Design: :meth:`terms` measures ``||grad_W L_t||`` (one extra backward per task, 
 the graph retained; under data parallelism the ``[T, |W|]`` gradients are averaged over ranks first,
 so every rank measures the global gradient) and returns ``w_t L_t`` with the *current* weights
 detached, so the model's gradient is exactly ``sum_t w_t grad L_t``; the weight update happens in
-:meth:`after_step` and takes effect from the next step, as in the paper. Tasks absent from a step keep their weights; the present
-ones are renormalised so that all T still sum to T.
+:meth:`after_step` and takes effect from the next step, as in the paper. Tasks absent from a step
+keep their weights; the present ones are renormalised so that all T still sum to T.
 """
 from __future__ import annotations
 
