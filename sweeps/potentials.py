@@ -3,7 +3,9 @@
 Before a multi-task sweep, one single-task trial per task (same data, model and budget) runs as its
 own Tune experiment. Each task's best validation KPI becomes its *potential*; the single-task val and
 test metrics become the Delta-m baselines. Rows live in ``<storage>/potentials.parquet`` keyed by a
-fingerprint of dataset, model, tasks and budget, so later sweeps reuse them.
+fingerprint of dataset, model, tasks and budget, so later sweeps reuse them. On the partially
+annotated dataset (``partial``) each task's single-task model trains and validates on that task's
+own source, and the fingerprint names the source.
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ def fingerprint(train: Mapping[str, Any], task: str) -> str:
     """Identity of a single-task run: the data, model and budget it was trained with."""
     content = {k: train.get(k) for k in FINGERPRINT_FIELDS}
     content["task"] = task
+    if train.get("dataset") == "partial":
+        # On the partially annotated dataset a single-task run trains on its task's own source only
+        # (e.g. depth on the depth source); name that source's data so a change to it is a new key.
+        from amtl.data.partial import source_identity
+        content["source"] = source_identity(task, train.get("data_root"), train["image_size"], train["n_train"],
+                                            train["n_val"], train["n_test"], train.get("data_seed", 0))
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

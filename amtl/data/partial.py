@@ -16,8 +16,8 @@ source alone, which is what a single-task (potential) run for depth trains and v
 
 Embedded default (no data root): two rendered scene sources with different camera and appearance
 distributions (:data:`SOURCE_SCENES`: the depth source's camera has a wider field of view and sits
-higher, looking further down; its colours are paler and darker, its pixel noise stronger, its
-light mostly directional). Each split is shared 3:1 (:data:`SEMANTIC_SHARE`) between them.
+higher, looking further down; its colours are paler, its pixel noise stronger, its light mostly
+directional). Each split is shared 3:1 (:data:`SEMANTIC_SHARE`) between them.
 
 Real default: ``--data-root voc=DIR,nyuv2=DIR`` (each the root its own loader takes), or one folder
 holding both ``VOCdevkit/`` and ``nyuv2/``. Splits keep their natural sizes; NYUv2 images are resized
