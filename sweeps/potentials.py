@@ -98,6 +98,20 @@ def assemble(rows: Mapping[str, pd.Series], train: Mapping[str, Any], tasks: Seq
     return Potentials(fp, potentials, baselines)
 
 
+def check_usable(result: Potentials) -> None:
+    """AMTL divides KPIs by the potentials and Delta-m divides by the baselines: none may be 0.
+
+    A single-task model that learned nothing in the budget (e.g. detection mAP 0 after one tiny
+    epoch) would otherwise fail every later trial with a less helpful error.
+    """
+    zero = [f"potential of {t}" for t, p in result.potentials.items() if not p > 0]
+    zero += [f"{split}/{k}" for split, values in result.baselines.items() for k, v in values.items() if v == 0]
+    if zero:
+        raise PotentialsError(f"single-task result(s) are 0 ({', '.join(zero)}), but AMTL and Delta-m divide by "
+                              f"them; give the single-task models more to learn (raise --epochs or --n-train), "
+                              f"or drop that task")
+
+
 def save(storage: Storage, train: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
     """Add (or replace) rows ``{"task", "potential", "val/<task>/<metric>", ...}``."""
     new = pd.DataFrame([{**row, "fingerprint": fingerprint(train, row["task"])} for row in rows])

@@ -270,3 +270,42 @@ def test_real_sources_voc_and_nyuv2(real_root):
     assert depth_only.train.sources == ["depth"]
     with pytest.raises(DatasetConfigError, match="needs the voc root"):
         build_datasets("partial", ["segmentation"], root=f"nyuv2={real_root / 'nyuv2'}", image_size=8)
+
+
+# -- sweeps --------------------------------------------------------------------------------------
+# A whole tiny sweep on `partial` (5 Ray Train trials) took 256 s on the shared 2-core machine, too long for
+# the suite; the sweep machinery itself is covered by tests/test_sweep.py. Here: the partial-specific wiring.
+def test_potential_trials_train_on_their_tasks_source(tmp_path):
+    """A potentials-phase trial config (one task, EW) resolves to a trainer on that task's source only."""
+    from sweeps import potentials as pot
+    from sweeps.runner import Sweep, SweepOptions
+    from sweeps.trial import TRIAL_KEY, resolve_trial
+    options = SweepOptions(dataset="partial", tasks=list(TASKS), no_wandb=True, storage=str(tmp_path), **SIZES)
+    spec = Sweep(options, say=lambda m: None).spec("potentials")
+    for task, source, n in (("depth", "depth", DEPTH_TRAIN), ("detection", "semantic", SEMANTIC_TRAIN)):
+        train, method, _, _ = resolve_trial({TRIAL_KEY: spec, "override": {"tasks": [task], "balancer": "ew",
+                                                                           "hparams": {}}})
+        trainer = Trainer(TrainConfig.from_dict(train), None, progress=None)
+        assert method == "ew" and trainer.data.train.sources == [source] and len(trainer.data.train) == n
+        assert trainer.label_counts == {task: n}
+        identity = pot.fingerprint(options.base_train(), task)
+        assert identity == pot.fingerprint(train, task)  # the trial's own options give the same key
+
+
+def test_zero_single_task_results_stop_the_sweep_with_the_fix():
+    from sweeps.potentials import Potentials, PotentialsError, check_usable
+    ok = Potentials("f", {"depth": 0.4, "detection": 0.02}, {"val": {"detection/map_50": 0.02}, "test": {}})
+    check_usable(ok)
+    zero = Potentials("f", {"depth": 0.4, "detection": 0.0}, {"val": {"detection/map_50": 0.0}, "test": {}})
+    with pytest.raises(PotentialsError, match=r"potential of detection, val/detection/map_50.*raise --epochs"):
+        check_usable(zero)
+
+
+def test_sweep_input_check_accepts_partial_without_rendering(tmp_path, monkeypatch):
+    from sweeps.cli import check_options
+    from sweeps.runner import SweepOptions
+    monkeypatch.setenv("AMTL_CACHE_DIR", str(tmp_path / "cache"))
+    check_options(SweepOptions(dataset="partial", tasks=list(TASKS), storage=str(tmp_path / "s")))
+    assert not (tmp_path / "cache").exists()  # rendered inside the trials, not by the driver's check
+    with pytest.raises(DatasetConfigError, match="'partial' has no labels for task.s. normal"):
+        check_options(SweepOptions(dataset="partial", tasks=["depth", "normal"], storage=str(tmp_path / "s")))
