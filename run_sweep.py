@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--samples", type=int, default=d.samples, help="search trials")
     add("--seeds", type=int, default=d.seeds, help="seeds for each method's best config")
     add("--epochs", type=int, default=d.epochs, help="training budget of every trial")
-    add("--dataset", default=d.dataset, help="scenes (rendered, default) or nyuv2")
-    add("--data-root", default=None, help="root of a real dataset")
+    add("--dataset", default=d.dataset, help="scenes (rendered, default), nyuv2, voc, or partial "
+        "(sources labelled for different tasks; see README)")
+    add("--data-root", default=None, help="root of a real dataset; partial: voc=DIR,nyuv2=DIR")
     add("--tasks", default=",".join(d.tasks))
     add("--model", default=d.model)
     add("--image-size", type=int, default=d.image_size)

@@ -33,20 +33,30 @@ class GlobalBatchSampler(Sampler[list[int]]):
     The permutation depends only on ``(seed, epoch)``, so N workers with ``global_batch / N``
     samples each see exactly the global batches a single process would: multi-worker training
     follows the single-worker run instead of merely resembling it.
+
+    With ``weights`` (e.g. task-balanced ones, :mod:`amtl.data.labels`) an epoch is ``n`` draws with
+    replacement in proportion to them instead of a permutation, from the same ``(seed, epoch)``
+    generator, so every rank still slices the same global batches.
     """
 
     def __init__(self, n: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epoch: int = 0, shuffle: bool = True, drop_last: bool = True) -> None:
+                 epoch: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 weights: Tensor | None = None) -> None:
         if global_batch % world_size:
             raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} workers")
+        if weights is not None and len(weights) != n:
+            raise ValueError(f"{len(weights)} sampling weights for {n} samples")
         self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
         self.local = global_batch // world_size
         self.seed, self.epoch, self.shuffle, self.drop_last = seed, epoch, shuffle, drop_last
+        self.weights = weights
 
     def _order(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.n))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist()
         return torch.randperm(self.n, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:

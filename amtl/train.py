@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m amtl.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(d.tasks), help="comma-separated tasks")
     p.add_argument("--out", required=True, help="output directory (resumed if it holds a checkpoint)")
-    p.add_argument("--dataset", default=d.dataset, help="scenes (rendered, default) or nyuv2")
-    p.add_argument("--data-root", default=None, help="dataset root for real datasets")
+    p.add_argument("--dataset", default=d.dataset, help="scenes (rendered, default), nyuv2, voc, or partial "
+                   "(sources labelled for different tasks; see README)")
+    p.add_argument("--data-root", default=None, help="dataset root for real datasets; partial: voc=DIR,nyuv2=DIR")
     p.add_argument("--model", default=d.model, help="small (default) or a torchvision backbone name")
     p.add_argument("--weights-path", default=None, help="local backbone state dict (nothing is downloaded)")
     p.add_argument("--balancer", default=d.balancer, help=f"method name, e.g. {', '.join(balancers.names()[:6])}, ... or A+B")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--sampler", default=d.sampler, help="random (default) or task-balanced (every task's labels "
+                   "about equally often, for partially labelled data)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--optimizer", default=d.optimizer)
@@ -87,9 +90,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_root=args.data_root, image_size=args.image_size, n_train=args.n_train, n_val=args.n_val,
         n_test=args.n_test, augment=args.augment, model=args.model, weights_path=args.weights_path,
         balancer=args.balancer, hparams=hparams, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
-        schedule=args.schedule, device=args.device, amp=not args.no_amp, amp_dtype=args.amp_dtype, seed=args.seed,
-        data_seed=args.data_seed,
+        batch_size=args.batch_size, sampler=args.sampler, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, schedule=args.schedule, device=args.device, amp=not args.no_amp,
+        amp_dtype=args.amp_dtype, seed=args.seed, data_seed=args.data_seed,
         num_workers=args.num_workers, threads=args.threads, diagnose_every=args.diagnose_every,
         cache_dir=args.cache_dir)
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from amtl import balancers
 from amtl.data import collate
+from amtl.data.labels import SAMPLERS, describe_counts, task_balanced_weights, task_labels
 from amtl.distributed import (Collectives, GlobalBatchSampler, ShardSampler, all_reduce_mean_, all_reduce_sum_,
                               broadcast_, world)
 from amtl.data.registry import DataSplits, build_datasets
@@ -64,6 +65,7 @@ class TrainConfig:
     epochs: int = 5
     steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over train)
     batch_size: int = 32
+    sampler: str = "random"  # or "task-balanced": draw samples so every task's labels are about equally frequent
     lr: float = 2e-3
     weight_decay: float = 0.0
     optimizer: str = "adam"
@@ -113,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got '{self.device}'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device '{self.device}' asked for but CUDA is not available; use --device cpu")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler '{self.sampler}' (known: {', '.join(SAMPLERS)})")
         if self.num_workers < 0 or self.diagnose_every < 0:
             raise ConfigError("num_workers and diagnose_every must be >= 0")
 
@@ -168,6 +172,13 @@ class Trainer:
         self.tasks: list[Task] = [make_task(t, num_classes=self.data.num_classes,
                                              num_detection_classes=self.data.num_detection_classes)
                                    for t in config.tasks]
+        labels = task_labels(self.data.train, config.tasks)
+        self.label_counts = {t: int(v.sum()) for t, v in labels.items()}
+        unlabelled = [t for t, n in self.label_counts.items() if n == 0]
+        if unlabelled:
+            raise ConfigError(f"no training sample carries a label of task(s) {', '.join(unlabelled)}; "
+                              f"drop them from --tasks or use a dataset that labels them")
+        self._sample_weights = task_balanced_weights(labels) if config.sampler == "task-balanced" else None
         self.model: MultiTaskModel = build_model(config.model, self.tasks, width=config.width,
                                                  weights_path=config.weights_path).to(self.device)
         broadcast_([*self.model.parameters(), *self.model.buffers()])
@@ -235,7 +246,8 @@ class Trainer:
         n = len(dataset)
         if shuffle:
             sampler = GlobalBatchSampler(n, self.config.batch_size, self.rank, self.world_size,
-                                         seed=self.config.seed, epoch=epoch, drop_last=n >= self.config.batch_size)
+                                         seed=self.config.seed, epoch=epoch, drop_last=n >= self.config.batch_size,
+                                         weights=self._sample_weights if dataset is self.data.train else None)
             return DataLoader(dataset, batch_sampler=sampler, **common)
         return DataLoader(dataset, batch_size=self.config.batch_size, sampler=ShardSampler(n, self.rank, self.world_size),
                           **common)
@@ -423,6 +435,8 @@ class Trainer:
         if resume and self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.out_dir / CHECKPOINT)
             self.progress(f"resumed from {self.out_dir / CHECKPOINT} after epoch {self.epoch}")
+        self.progress(f"training labels per task ({c.sampler} sampler): "
+                      f"{describe_counts(self.label_counts, len(self.data.train))}")
         dirs = directions(self.tasks)
         val: dict[str, float] = self.history[-1]["val"] if self.history else {}
         while self.epoch < c.epochs:

@@ -38,8 +38,8 @@ def check_options(o: SweepOptions) -> None:
     load_space(o.methods, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
     train = TrainConfig.from_dict(o.base_train())
     train.validate()
-    if o.dataset == "scenes":
-        _check_scene_tasks(o)
+    if o.dataset in ("scenes", "partial") and o.data_root is None:
+        _check_rendered_tasks(o)  # rendered on first use inside the trials; nothing on disk to check
     else:  # real data: check the tree now, not inside the first trial
         build_datasets(o.dataset, o.tasks, root=o.data_root, image_size=o.image_size)
     if o.optuna_storage is not None:
@@ -47,9 +47,10 @@ def check_options(o: SweepOptions) -> None:
     Storage(o.storage).check_writable()
 
 
-def _check_scene_tasks(o: SweepOptions) -> None:
+def _check_rendered_tasks(o: SweepOptions) -> None:
+    from amtl.data.partial import TASKS as PARTIAL_TASKS
     from amtl.data.registry import SCENE_TASKS, check_tasks
-    check_tasks("scenes", o.tasks, SCENE_TASKS)
+    check_tasks(o.dataset, o.tasks, SCENE_TASKS if o.dataset == "scenes" else PARTIAL_TASKS)
 
 
 def _check_sqlalchemy_url(url: str) -> None:

@@ -3,7 +3,9 @@
 Before a multi-task sweep, one single-task trial per task (same data, model and budget) runs as its
 own Tune experiment. Each task's best validation KPI becomes its *potential*; the single-task val and
 test metrics become the Delta-m baselines. Rows live in ``<storage>/potentials.parquet`` keyed by a
-fingerprint of dataset, model, tasks and budget, so later sweeps reuse them.
+fingerprint of dataset, model, tasks and budget, so later sweeps reuse them. On the partially
+annotated dataset (``partial``) each task's single-task model trains and validates on that task's
+own source, and the fingerprint names the source.
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ def fingerprint(train: Mapping[str, Any], task: str) -> str:
     """Identity of a single-task run: the data, model and budget it was trained with."""
     content = {k: train.get(k) for k in FINGERPRINT_FIELDS}
     content["task"] = task
+    if train.get("dataset") == "partial":
+        # On the partially annotated dataset a single-task run trains on its task's own source only
+        # (e.g. depth on the depth source); name that source's data so a change to it is a new key.
+        from amtl.data.partial import source_identity
+        content["source"] = source_identity(task, train.get("data_root"), train["image_size"], train["n_train"],
+                                            train["n_val"], train["n_test"], train.get("data_seed", 0))
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -88,6 +96,20 @@ def assemble(rows: Mapping[str, pd.Series], train: Mapping[str, Any], tasks: Seq
                     baselines[split][column[len(split) + 1:]] = float(value)
     fp = hashlib.sha256("".join(fingerprint(train, t) for t in tasks).encode()).hexdigest()[:16]
     return Potentials(fp, potentials, baselines)
+
+
+def check_usable(result: Potentials) -> None:
+    """AMTL divides KPIs by the potentials and Delta-m divides by the baselines: none may be 0.
+
+    A single-task model that learned nothing in the budget (e.g. detection mAP 0 after one tiny
+    epoch) would otherwise fail every later trial with a less helpful error.
+    """
+    zero = [f"potential of {t}" for t, p in result.potentials.items() if not p > 0]
+    zero += [f"{split}/{k}" for split, values in result.baselines.items() for k, v in values.items() if v == 0]
+    if zero:
+        raise PotentialsError(f"single-task result(s) are 0 ({', '.join(zero)}), but AMTL and Delta-m divide by "
+                              f"them; give the single-task models more to learn (raise --epochs or --n-train), "
+                              f"or drop that task")
 
 
 def save(storage: Storage, train: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:

@@ -252,6 +252,7 @@ class Sweep:
         for phase, step in steps:
             if phase == "potentials":
                 potentials = step()
+                pot.check_usable(potentials)
                 self.state["potentials"] = potentials.as_spec()
             elif phase in self.state["done"]:
                 self.say(f"[{phase}] already done; skipping")

@@ -12,6 +12,9 @@ source:
 - Targets: ``segmentation`` long [H, W] with -1 = ignore; ``depth`` float [1, H, W] metres with
   0 = invalid; ``normal`` float [3, H, W] unit vectors in the camera frame with 0 = invalid;
   ``detection`` a dict ``{"boxes": float [N, 4] xyxy pixels, "labels": long [N]}``.
+- Composed datasets (:mod:`amtl.data.partial`) add ``"source"``: which source the sample comes from.
+- Datasets may answer ``task_labels(tasks) -> {task: bool [N]}`` without loading images
+  (:mod:`amtl.data.labels`: per-task counts, the task-balanced sampler).
 """
 from amtl.data.collate import collate
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -100,6 +100,11 @@ class NoisyLabels(Dataset):
             inner = inner.dataset
         if hasattr(inner, "set_epoch"):
             inner.set_epoch(epoch)
+
+    def task_labels(self, tasks: Sequence[str]) -> dict[str, Tensor]:
+        """Corruption keeps ``has``: the wrapped dataset's label table (through Subsets too)."""
+        from amtl.data.labels import task_labels
+        return task_labels(self.dataset, tasks)
 
     def __getattr__(self, name: str) -> Any:
         # Only called for attributes not found on self; "dataset" itself must not recurse (e.g.

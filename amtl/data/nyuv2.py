@@ -274,6 +274,10 @@ class NYUv2(Dataset):
                 sample = hflip(sample)
         return sample
 
+    def task_labels(self, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every sample carries the label of each task this dataset was built with (see :mod:`amtl.data.labels`)."""
+        return {t: torch.full((self._len,), t in self.tasks, dtype=torch.bool) for t in tasks}
+
     def __repr__(self) -> str:
         return (f"NYUv2(root={str(self.root)!r}, split={self.split!r}, tasks={self.tasks}, "
                 f"augment={self.augment}, n={self._len}, hw={self.hw})")

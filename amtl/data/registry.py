@@ -11,7 +11,7 @@ from typing import Sequence
 
 from torch.utils.data import Dataset, Subset
 
-DATASETS = ("scenes", "nyuv2", "voc")
+DATASETS = ("scenes", "nyuv2", "voc", "partial")
 SCENE_TASKS = ("segmentation", "depth", "normal", "detection")
 NYU_TASKS = ("segmentation", "depth", "normal")
 #: Fraction of NYUv2's on-disk train split held out as val; its on-disk val split serves as test.
@@ -82,6 +82,9 @@ def build_datasets(name: str, tasks: Sequence[str], root: str | Path | None = No
         val, test = Subset(full_val, range(n - n_test)), Subset(full_val, range(n - n_test, n))
         return DataSplits(train, val, test, train.num_classes, len(train), available,
                           num_detection_classes=len(train.detection_classes))
+    if name == "partial":  # rendered scene sources, or VOC + NYUv2 with a root; see amtl/data/partial.py
+        from amtl.data.partial import build_partial
+        return build_partial(tasks, root, image_size, n_train, n_val, n_test, seed, cache_dir, augment)
     raise DatasetConfigError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
 
 

@@ -703,6 +703,10 @@ class SceneDataset(Dataset):
                                    "labels": d["box_labels"][index, :count].long()}
         return sample
 
+    def task_labels(self, tasks: Sequence[str]) -> dict[str, Tensor]:
+        """Every sample carries the label of each task this dataset was built with (see :mod:`amtl.data.labels`)."""
+        return {t: torch.full((len(self),), t in self.tasks, dtype=torch.bool) for t in tasks}
+
     def __repr__(self) -> str:
         return (f"SceneDataset(split={self.split!r}, n={len(self)}, size={self.config.size}, "
                 f"tasks={self.tasks})")

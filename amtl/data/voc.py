@@ -198,6 +198,11 @@ class VOC(Dataset):
             sample["detection"] = {"boxes": boxes[keep], "labels": labels[keep].clone()}
         return sample
 
+    def task_labels(self, tasks: Sequence[str]) -> dict[str, Tensor]:
+        """List membership per task (see :mod:`amtl.data.labels`); tasks not loaded are unlabelled."""
+        return {t: torch.tensor(self.has[t] if t in self.tasks else [False] * len(self), dtype=torch.bool)
+                for t in tasks}
+
     def __repr__(self) -> str:
         return f"VOC(split={self.split!r}, n={len(self)}, size={self.size}, tasks={self.tasks})"
 
