@@ -68,10 +68,36 @@ def _check_sqlalchemy_url(url: str) -> None:
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def connect(address: str | None) -> None:
-    """Join ``address`` or start a local embedded cluster that listens on 127.0.0.1 only."""
-    import os
+#: Ray maps a 127.0.0.1 node or cluster address to the host's outward-facing IP and binds its
+#: servers there, unless told the cluster is confined to this host (a switch named after its first
+#: use, laptops); it is read when Ray is imported.
+SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+
+def is_loopback_address(address: str | None) -> bool:
+    """Whether ``address`` (``host:port``, or None for an embedded cluster) keeps Ray on this host."""
+    import ipaddress
+    if not address:
+        return True
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def connect(address: str | None) -> None:
+    """Join ``address`` or start a local embedded cluster; either listens on 127.0.0.1 only when local."""
+    import os
+    import sys
+
+    if "ray" not in sys.modules:  # both are read when Ray is imported
+        if is_loopback_address(address):
+            os.environ[SINGLE_HOST_ENV] = "0"
+        if address:  # Ray authenticates a driver given an address only when told to; keep it on
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     if ray.is_initialized():
         return
