@@ -54,12 +54,19 @@ def _check_scene_tasks(o: SweepOptions) -> None:
 
 def _check_sqlalchemy_url(url: str) -> None:
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-    try:
-        make_url(url)
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:  # messages never repeat the URL: it may hold a password
+        dialect = make_url(url).get_dialect()
+        dialect.import_dbapi()
     except ArgumentError:
         raise SweepError("--optuna-storage is not a SQLAlchemy URL; give e.g. sqlite:///optuna.db or "
                          "postgresql://user@host/db") from None
+    except NoSuchModuleError:
+        raise SweepError("--optuna-storage names a database SQLAlchemy does not know; give e.g. "
+                         "sqlite:///optuna.db or postgresql://user@host/db") from None
+    except ImportError as err:
+        raise SweepError(f"--optuna-storage needs the database driver '{err.name}', which is not installed; "
+                         f"install it (for postgresql:// URLs: pip install 'amtl-sweep[postgres]')") from None
 
 
 #: Ray Train V2's controller polls its workers every 2 s by default, so each state change (start,
