@@ -114,7 +114,7 @@ def connect(address: str | None) -> None:
         try:  # on a real cluster the job's runtime environment carries it to every process
             ray.init(address=address, log_to_driver=False,
                      runtime_env={"env_vars": {k: os.environ[k] for k in TRAIN_ENV}})
-        except (ConnectionError, RuntimeError, ValueError) as err:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as err:
             raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
                              f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None
         return
