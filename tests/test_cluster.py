@@ -3,8 +3,8 @@ sweeps driven by ``run_sweep.py --address`` in their own processes, and an Optun
 PostgreSQL server that survives a killed driver.
 
 Each node has one CPU, so two one-worker trials run on different nodes and a two-worker trial
-needs both. The sweeps share one storage: the first computes the single-task potentials, the
-others reuse them.
+needs both. The two sweeps share one storage: the first computes the single-task potentials, the
+second (two-worker trials, its driver killed and resumed) reuses them.
 """
 from __future__ import annotations
 
@@ -151,20 +151,6 @@ def test_sweep_with_address_runs_trials_on_both_nodes(local_cluster, spread_swee
     assert (trials["worker_node_ids"] == trials["node_id"]).all()  # one worker: its own node
 
 
-def test_ddp_trial_places_one_worker_on_each_node(local_cluster, spread_sweep):
-    """Two workers of one CPU each on nodes of one CPU each: Ray Train must use both nodes."""
-    storage = local_cluster["storage"]
-    done = run_sweep("--address", local_cluster["address"], "--storage", str(storage), "--name", "ddp",
-                     "--samples", "1", "--workers-per-trial", "2", "--cpus-per-trial", "2", *TINY)
-    assert "reusing single-task results" in done.stdout  # potentials came from the first sweep
-    trials = pd.read_parquet(storage / "ddp" / "trials.parquet")
-    assert list(trials["phase"]) == ["search", "seeds"] and (trials["status"] == "TERMINATED").all()
-    nodes = set(cluster_nodes(local_cluster["address"]))
-    for workers, rank0 in zip(trials["worker_node_ids"], trials["node_id"]):
-        assert set(workers.split(",")) == nodes and workers.split(",")[0] == rank0
-    assert trials["test_delta_m"].notna().all()
-
-
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
@@ -219,17 +205,21 @@ def postgres():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_optuna_study_in_postgres_survives_a_killed_driver(local_cluster, spread_sweep, postgres):
+@pytest.fixture(scope="module")
+def killed_sweep(local_cluster, spread_sweep, postgres):
+    """A DDP sweep (2 workers of 1 CPU per trial, so each trial needs both 1-CPU nodes) with its
+    Optuna study in PostgreSQL: the driver is SIGKILLed once a search trial is in the study, then
+    rerun with --resume. It reuses the first sweep's potentials."""
     import optuna
 
     storage, url = local_cluster["storage"], postgres["url"]
     args = ["--address", local_cluster["address"], "--storage", str(storage), "--name", "pg",
-            "--optuna-storage", url, "--samples", "2", "--max-concurrent", "1", *TINY]
+            "--optuna-storage", url, "--samples", "2", "--workers-per-trial", "2", "--cpus-per-trial", "2", *TINY]
     driver = subprocess.Popen([sys.executable, str(REPO / "run_sweep.py"), *args], env=driver_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     before: list[optuna.trial.FrozenTrial] = []
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver.poll() is None:
             try:
                 before = optuna.load_study(study_name="pg", storage=url).get_trials(
@@ -240,23 +230,38 @@ def test_optuna_study_in_postgres_survives_a_killed_driver(local_cluster, spread
                 break
             time.sleep(1)
         assert driver.poll() is None, f"the driver ended before the kill: {driver.stderr.read()[-2000:]}"
-        assert before, "no search trial completed within 240 s"
+        assert before, "no search trial completed within 300 s"
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     assert driver.returncode == -signal.SIGKILL
     assert not (storage / "pg" / "leaderboard.md").exists()  # really interrupted mid-sweep
+    resumed = run_sweep(*args, "--resume")
+    return {"before": before, "url": url, "dir": storage / "pg", "stdout": resumed.stdout}
 
-    run_sweep(*args, "--resume")
-    study = optuna.load_study(study_name="pg", storage=url)
+
+def test_optuna_study_in_postgres_survives_a_killed_driver(killed_sweep):
+    import optuna
+
+    study = optuna.load_study(study_name="pg", storage=killed_sweep["url"])
     after = {t.number: t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
-    for trial in before:  # the trials finished before the kill are still there, unchanged
+    for trial in killed_sweep["before"]:  # the trials finished before the kill are still there, unchanged
         assert after[trial.number].params == trial.params and after[trial.number].values == trial.values
-    assert len(after) >= 2 and len(after) > len(before)  # and the study went on in the same database
+    assert len(after) >= 2 and len(after) > len(killed_sweep["before"])  # the study went on in the same database
     assert all(t.user_attrs["method"] == "amtl" for t in after.values())  # readable with Optuna alone
-    trials = pd.read_parquet(storage / "pg" / "trials.parquet")
-    assert set(trials["phase"]) == {"search", "seeds"}
-    assert (storage / "pg" / "leaderboard.md").exists()
+    assert "reusing single-task results" in killed_sweep["stdout"]
+    trials = pd.read_parquet(killed_sweep["dir"] / "trials.parquet")
+    assert set(trials["phase"]) == {"search", "seeds"} and (trials["status"] == "TERMINATED").all()
+    assert (killed_sweep["dir"] / "leaderboard.md").exists()
+
+
+def test_ddp_trial_places_one_worker_on_each_node(local_cluster, killed_sweep):
+    """Two workers of one CPU each on nodes of one CPU each: Ray Train must use both nodes."""
+    trials = pd.read_parquet(killed_sweep["dir"] / "trials.parquet")
+    nodes = set(cluster_nodes(local_cluster["address"]))
+    for workers, rank0 in zip(trials["worker_node_ids"], trials["node_id"]):
+        assert len(workers.split(",")) == 2 and set(workers.split(",")) == nodes and workers.split(",")[0] == rank0
+    assert trials["test_delta_m"].notna().all()
 
 
 def test_down_stops_exactly_the_processes_up_started(local_cluster, ray_cluster):

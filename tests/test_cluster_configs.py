@@ -126,3 +126,12 @@ def test_missing_database_driver_is_bad_input(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "pg8000" in done.stderr and "pip install" in done.stderr
     assert "secret" not in done.stderr  # a URL's password is never echoed
+
+
+def test_local_cluster_refuses_to_start_without_token_auth(tmp_path):
+    base = tmp_path / "c"
+    done = subprocess.run([sys.executable, str(CLUSTER / "local-cluster"), "up", "--dir", str(base)],
+                          env={"PATH": "", "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "RAY_AUTH_MODE is 'disabled'" in done.stderr and not base.exists()  # nothing was started
