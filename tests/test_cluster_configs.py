@@ -135,3 +135,12 @@ def test_local_cluster_refuses_to_start_without_token_auth(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "RAY_AUTH_MODE is 'disabled'" in done.stderr and not base.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("address, local", [(None, True), ("127.0.0.1:6379", True), ("localhost:6379", True),
+                                            ("[::1]:6379", True), ("127.0.0.2:1", True), ("auto", False),
+                                            ("10.0.0.5:6379", False), ("head.example.org:6379", False)])
+def test_which_addresses_keep_ray_on_loopback(address, local):
+    from sweeps.cli import is_loopback_address
+
+    assert is_loopback_address(address) is local
