@@ -55,12 +55,19 @@ def _check_rendered_tasks(o: SweepOptions) -> None:
 
 def _check_sqlalchemy_url(url: str) -> None:
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-    try:
-        make_url(url)
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:  # messages never repeat the URL: it may hold a password
+        dialect = make_url(url).get_dialect()
+        dialect.import_dbapi()
     except ArgumentError:
         raise SweepError("--optuna-storage is not a SQLAlchemy URL; give e.g. sqlite:///optuna.db or "
                          "postgresql://user@host/db") from None
+    except NoSuchModuleError:
+        raise SweepError("--optuna-storage names a database SQLAlchemy does not know; give e.g. "
+                         "sqlite:///optuna.db or postgresql://user@host/db") from None
+    except ImportError as err:
+        raise SweepError(f"--optuna-storage needs the database driver '{err.name}', which is not installed; "
+                         f"install it (for postgresql:// URLs: pip install 'amtl-sweep[postgres]')") from None
 
 
 #: Ray Train V2's controller polls its workers every 2 s by default, so each state change (start,
@@ -69,10 +76,36 @@ def _check_sqlalchemy_url(url: str) -> None:
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def connect(address: str | None) -> None:
-    """Join ``address`` or start a local embedded cluster that listens on 127.0.0.1 only."""
-    import os
+#: Ray maps a 127.0.0.1 node or cluster address to the host's outward-facing IP and binds its
+#: servers there, unless told the cluster is confined to this host (a switch named after its first
+#: use, laptops); it is read when Ray is imported.
+SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+
+def is_loopback_address(address: str | None) -> bool:
+    """Whether ``address`` (``host:port``, or None for an embedded cluster) keeps Ray on this host."""
+    import ipaddress
+    if not address:
+        return True
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def connect(address: str | None) -> None:
+    """Join ``address`` or start a local embedded cluster; either listens on 127.0.0.1 only when local."""
+    import os
+    import sys
+
+    if "ray" not in sys.modules:  # both are read when Ray is imported
+        if is_loopback_address(address):
+            os.environ[SINGLE_HOST_ENV] = "0"
+        if address:  # Ray authenticates a driver given an address only when told to; keep it on
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     if ray.is_initialized():
         return
@@ -82,7 +115,7 @@ def connect(address: str | None) -> None:
         try:  # on a real cluster the job's runtime environment carries it to every process
             ray.init(address=address, log_to_driver=False,
                      runtime_env={"env_vars": {k: os.environ[k] for k in TRAIN_ENV}})
-        except (ConnectionError, RuntimeError, ValueError) as err:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as err:
             raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
                              f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None
         return

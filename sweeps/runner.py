@@ -316,7 +316,8 @@ def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str,
             "trial_id": trial_id, "phase": phase, "method": method, "seed": train.get("seed"),
             "status": status, "error": _one_line(result.error) if result.error else None,
             "tasks": ",".join(train["tasks"]), "searched": json.dumps(searched, sort_keys=True, default=str),
-            "node_id": metrics.get("node_id"), "train_seconds": metrics.get("train_seconds_total"),
+            "node_id": metrics.get("node_id"), "node_ip": metrics.get("node_ip"),
+            "worker_node_ids": metrics.get("worker_node_ids"), "train_seconds": metrics.get("train_seconds_total"),
         }
         # Hyperparameters keep their registry/trainer names as columns (metric columns contain "/").
         for key, value in hparams.items():

@@ -507,7 +507,8 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int | None,
     a study of that name already there is loaded and continued. ``None`` keeps the study in memory.
     """
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.optuna_search import ResumableOptunaSearch
 
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -518,8 +519,8 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int | None,
         storage = optuna.storages.RDBStorage(storage_url)
     # With a space given, OptunaSearch builds its study now, so it needs metric and mode here as
     # well as in TuneConfig.
-    return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,
-                        storage=storage, study_name=study_name)
+    return ResumableOptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,
+                                 storage=storage, study_name=study_name)
 
 
 def _ensure_sqlite_dir(url: str) -> None:

@@ -40,7 +40,7 @@ class _RayReporter:
         self.train_seconds += record["train_seconds"]
         metrics: dict[str, Any] = flatten_record(record)
         metrics["train_seconds_total"] = self.train_seconds
-        metrics["node_id"] = _node_id()
+        metrics["node_id"] = _node_id()  # the final report adds the IP and every worker's node
         if self.logger is not None:
             self.logger.log_epoch(record)
         with tempfile.TemporaryDirectory() as tmp:
@@ -54,6 +54,24 @@ class _RayReporter:
 def _node_id() -> str:
     import ray
     return ray.get_runtime_context().get_node_id()
+
+
+def _placement() -> dict[str, str]:
+    """Where this trial ran: rank 0's node and IP, and every worker's node in rank order.
+
+    A collective, so every rank calls it; with one worker there is nothing to gather.
+    """
+    import ray
+    from torch import distributed as dist
+
+    from amtl.distributed import is_distributed
+
+    node = _node_id()
+    nodes = [node]
+    if is_distributed():
+        nodes = [None] * dist.get_world_size()
+        dist.all_gather_object(nodes, node)
+    return {"node_id": nodes[0], "node_ip": ray.util.get_node_ip_address(), "worker_node_ids": ",".join(nodes)}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -77,7 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     result = trainer.fit(resume=False, baselines=baselines.get("val"), test_baselines=baselines.get("test"))
     # "final", not "done": Tune adds its own "done" key to every result.
     final: dict[str, Any] = {FINAL_KEY: True, "epoch": trainer.epoch, "step": trainer.step,
-                             "train_seconds_total": reporter.train_seconds, "node_id": _node_id()}
+                             "train_seconds_total": reporter.train_seconds, **_placement()}
     for split in ("val", "test"):
         for key, value in result[split].items():
             final[f"{split}/{key}"] = value

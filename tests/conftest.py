@@ -4,6 +4,9 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every Ray cluster of the tests lives on 127.0.0.1. `sweeps.cli.connect` says so to Ray only when
+# Ray is not imported yet, and a test module may import Ray before the session cluster starts.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -188,6 +188,32 @@ def test_searcher_suggests_through_tune_api_and_persists_in_sqlite(tmp_path):
     assert len(optuna.load_study(study_name="demo", storage=url).trials) == 4  # continued, not new
 
 
+def test_restored_searcher_tolerates_a_trial_the_study_already_finished(tmp_path):
+    """A driver killed after Optuna stored trial t0 but before Tune checkpointed: on --resume Tune
+    restarts t0 from its (older) searcher checkpoint and reports it again."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = load_space(["amtl"])
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(space, metric="val/delta_m", mode="min", seed=0, storage_url=url, study_name="kill")
+    searcher.suggest("t0")
+    checkpoint = pickle.dumps(searcher)  # what Tune saved before the kill: t0 still running
+    searcher.on_trial_complete("t0", {"val/delta_m": 1.5, "training_iteration": 1})
+
+    restored = pickle.loads(checkpoint)
+    restored.on_trial_result("t0", {"val/delta_m": 2.5, "training_iteration": 1})  # no error
+    restored.on_trial_complete("t0", {"val/delta_m": 2.5, "training_iteration": 1})
+    restored.suggest("t1")
+    study = optuna.load_study(study_name="kill", storage=url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
+    assert study.trials[0].value == 1.5  # the first result stands
+
+    plain = pickle.loads(checkpoint)
+    plain.__class__ = OptunaSearch  # what Tune's own searcher does with the same state
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        plain.on_trial_result("t0", {"val/delta_m": 2.5, "training_iteration": 1})
+
+
 # -- bad files ---------------------------------------------------------------------------------
 
 BAD = [
