@@ -71,3 +71,50 @@ def test_diverging_trial_fails_at_once_with_its_reason_and_is_counted(ray_cluste
     assert board.loc["ew", "trials"] == 1 and board.loc["ew", "failed"] == 1
     assert board.loc["dwa", "trials"] == 1 and board.loc["dwa", "failed"] == 0
     print(f"2 trials, one diverging, in {elapsed:.1f}s")
+
+
+def _train_worker_pids() -> set[int]:
+    import ray
+    from ray.util.state import list_actors
+    # The address matters: other Ray clusters may run on this machine.
+    return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+
+
+def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
+    """SIGKILL the trial's Ray Train worker after its first epoch checkpoint: Ray's FailureConfig
+    restarts it from that checkpoint, so each epoch is reported exactly once and the trial finishes."""
+    import threading
+
+    killed: list[int] = []
+    errors: list[BaseException] = []
+    train_dir = tmp_path / "killed" / "train"
+
+    def kill_after_first_checkpoint() -> None:
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if list(train_dir.glob("train-*/checkpoint_*")):
+                    pids = _train_worker_pids()
+                    if pids:
+                        pid = pids.pop()
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+                time.sleep(0.1)
+        except BaseException as err:  # surfaced by the test body
+            errors.append(err)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    # 256 images per epoch: long enough that the kill lands inside the second epoch (or close).
+    grid = _tune_trials(tmp_path, "killed", [{"balancer": "ew", "n_train": 256}], epochs=3, max_failures=2)
+    watcher.join(timeout=10)
+    assert not errors, errors
+    assert killed, "the Ray Train worker was never found"
+    result = grid[0]
+    assert result.error is None, result.error
+    assert result.metrics["final"] is True and result.metrics["epoch"] == 3
+    # Raw reports, before any deduplication: restarting from scratch would report epoch 1 again.
+    epochs = result.metrics_dataframe["epoch"].tolist()
+    assert epochs == [1, 2, 3, 3], epochs  # three epochs, then the final report (epoch 3 again)
+    assert killed[0] not in _train_worker_pids()
