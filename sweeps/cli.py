@@ -34,7 +34,7 @@ def check_options(o: SweepOptions) -> None:
     if o.kpi is not None and o.kpi not in o.tasks:
         raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.tasks)})")
     if o.space is not None and not Path(o.space).is_file():
-        raise SweepError(f"--space file '{o.space}' does not exist")
+        raise SweepError(f"--space file '{o.space}' does not exist; check the path")
     load_space(o.methods, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
     train = TrainConfig.from_dict(o.base_train())
     train.validate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -139,6 +140,10 @@ class Sweep:
         from ray import tune
 
         path = self.dir.uri_of(phase)
+        # What --resume restores after a driver crash is Tune's last experiment snapshot; Tune's
+        # "auto" period is at least 10 s, and a trial finished after it is rerun. Snapshots of a
+        # sweep's few dozen trials take milliseconds, so take them every 2 s.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
         if phase not in self.state["done"] and tune.Tuner.can_restore(path):
             self.say(f"[{phase}] resuming the experiment in {path}")

@@ -118,3 +118,67 @@ def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_p
     epochs = result.metrics_dataframe["epoch"].tolist()
     assert epochs == [1, 2, 3, 3], epochs  # three epochs, then the final report (epoch 3 again)
     assert killed[0] not in _train_worker_pids()
+
+
+@pytest.fixture(scope="module")
+def kill_resume():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import kill_resume as kr
+    yield kr
+    sys.path.remove(str(REPO / "scripts"))
+
+
+def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_resume, tmp_path):
+    """SIGKILL the sweep driver once during the search (after a search trial finished) and once
+    during the seeds phase; ``--resume`` twice. Nothing finished is lost or counted twice, the
+    Optuna study goes on, and no Ray process of a killed driver is left running."""
+    import optuna
+
+    kr = kill_resume
+    storage, name = tmp_path / "store", "killed"
+    sweep_dir = storage / name
+    log = tmp_path / "sweep.log"
+    sessions: list[int] = []
+    leftovers: list[tuple[int, float]] = []
+    try:
+        first = kr.start_sweep(storage, name, log=log)
+        sessions.append(first.pid)
+        kr.wait_for(lambda: kr.finished(sweep_dir, "search"), first, 600, "finished search trial")
+        kept = kr.finished(sweep_dir, "search") | kr.finished(sweep_dir, "potentials")
+        leftovers += kr.kill_driver(first)
+        state = json.loads((sweep_dir / "state.json").read_text())
+        assert state["done"] == ["potentials"]
+
+        second = kr.start_sweep(storage, name, resume=True, log=log)
+        sessions.append(second.pid)
+        kr.wait_for(lambda: any(r.get("epoch") for records in kr.results(sweep_dir, "seeds").values()
+                                for r in records), second, 600, "seeds trial epoch")
+        # The first driver's leftovers were ended by the second driver's local-cluster start.
+        assert not kr.alive(leftovers), f"left running by the killed driver: {kr.alive(leftovers)}"
+        kept |= kr.finished(sweep_dir, "search") | kr.finished(sweep_dir, "seeds")
+        leftovers += kr.kill_driver(second)
+
+        third = kr.start_sweep(storage, name, resume=True, log=log)
+        sessions.append(third.pid)
+        assert third.wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert not kr.alive(leftovers)
+    finally:
+        for session in sessions:
+            kr.end_session(session)
+    text = log.read_text()
+    assert "[search] resuming the experiment" in text and "[seeds] resuming the experiment" in text
+    assert "[search] already done" in text
+    counts = kr.check(sweep_dir, kept)  # each finished trial once, no duplicate history rows
+    trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    assert trials.groupby("phase").size().to_dict() == {"potentials": 2, "search": 2,
+                                                        "seeds": trials.query("phase == 'seeds'")["method"].nunique()}
+    assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
+    history = pd.read_parquet(sweep_dir / "history.parquet")
+    for trial_id, rows in history.groupby("trial_id"):  # resumed trials too: epochs 1, 2 once each
+        assert sorted(rows["epoch"]) == [1, 2], (trial_id, rows["epoch"].tolist())
+    # The one Optuna study holds the search trials of both driver lives, with their objectives.
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for value in trials.query("phase == 'search'")["val_delta_m"]:
+        assert value == pytest.approx(min(values, key=lambda v: abs(v - value))), (value, values)
+    print(counts, f"{len(leftovers)} process(es) outlived the killed drivers")
