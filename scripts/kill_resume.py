@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
+import ray  # noqa: F401  Ray bundles psutil (ray/thirdparty_files) and puts it on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
-#: A small sweep: 2 single-task potentials, 2 search trials over two methods, best of each x 1 seed.
-TINY_SWEEP = ["--method", "ew,dwa", "--samples", "2", "--seeds", "1", "--epochs", "2", "--tasks",
+#: A small sweep: 2 single-task potentials, 3 search trials over two methods (2 at once, so the third
+#: runs alone after two finished), the best of each method x 1 seed.
+TINY_SWEEP = ["--method", "ew,dwa", "--samples", "3", "--seeds", "1", "--epochs", "2", "--tasks",
               "segmentation,depth", "--image-size", "32", "--n-train", "64", "--n-val", "16", "--n-test", "16",
               "--batch-size", "16", "--max-concurrent", "2", "--scheduler", "fifo", "--no-wandb"]
 

@@ -54,15 +54,9 @@ def check_options(o: SweepOptions) -> None:
 def _check_existing(o: SweepOptions, storage: Storage) -> None:
     """What is already in ``storage``: never start over a sweep by accident, never run on a bad cache."""
     from sweeps import potentials as pot
-    from sweeps.runner import STATE
+    from sweeps.runner import check_resume
 
-    exists = storage.exists(o.name, STATE)
-    if exists and not o.resume:
-        raise SweepError(f"sweep '{o.name}' already exists in '{storage.uri}'; pass --resume to continue it, "
-                         f"or choose another --name")
-    if o.resume and not exists:
-        raise SweepError(f"no sweep '{o.name}' to resume in '{storage.uri}'; check --name and --storage, "
-                         f"or drop --resume to start it")
+    check_resume(o, storage)
     if not o.recompute_potentials and storage.exists(pot.FILE):
         pot.check(storage, o.base_train(), o.tasks)
 
@@ -144,6 +138,12 @@ def _records_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"amtl-ray-{os.getuid()}"
 
 
+def _psutil():  # noqa: ANN202
+    import ray  # noqa: F401  Ray bundles psutil (ray/thirdparty_files) and puts it on sys.path
+    import psutil
+    return psutil
+
+
 def _identity(proc: "psutil.Process") -> list[float]:  # noqa: F821 (psutil is imported lazily)
     return [proc.pid, proc.create_time()]
 
@@ -152,7 +152,7 @@ def _record_local_cluster() -> None:
     import atexit
     import json
 
-    import psutil
+    psutil = _psutil()
     me = psutil.Process()
     started = []
     for child in me.children(recursive=True):
@@ -170,7 +170,7 @@ def _record_local_cluster() -> None:
 
 
 def _same_process(pid: int, created: float) -> "psutil.Process | None":  # noqa: F821
-    import psutil
+    psutil = _psutil()
     try:
         proc = psutil.Process(int(pid))
         return proc if abs(proc.create_time() - created) < 0.01 else None
@@ -182,7 +182,7 @@ def end_orphaned_clusters() -> list[int]:
     """End what local clusters of dead drivers left running; returns the pids ended."""
     import json
 
-    import psutil
+    psutil = _psutil()
     ended: list[int] = []
     directory = _records_dir()
     for record in sorted(directory.glob("*.json")) if directory.is_dir() else []:

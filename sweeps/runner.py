@@ -84,6 +84,28 @@ class SweepOptions:
                 "device": "cuda" if self.gpus_per_trial > 0 else "cpu", "log_every": 50}
 
 
+def check_resume(o: SweepOptions, storage: Storage) -> bool:
+    """Whether sweep ``o.name`` exists in ``storage``; SweepError when that contradicts ``o.resume``
+    (a finished or interrupted sweep is never started over by accident, a typo never starts afresh)."""
+    exists = storage.exists(o.name, STATE)
+    if exists and not o.resume:
+        raise SweepError(f"sweep '{o.name}' already exists in '{storage.uri}'; pass --resume to continue it, "
+                         f"or choose another --name")
+    if o.resume and not exists:
+        raise SweepError(f"no sweep '{o.name}' to resume in '{storage.uri}'; check --name and --storage, "
+                         f"or drop --resume to start it")
+    return exists
+
+
+def _recorded_options(options: SweepOptions) -> dict[str, Any]:
+    """The options as written to ``state.json``: a database URL keeps no password."""
+    from sweeps.secrets import redact_url
+    recorded = asdict(options)
+    if recorded["optuna_storage"]:
+        recorded["optuna_storage"] = redact_url(recorded["optuna_storage"])
+    return recorded
+
+
 class Sweep:
     """Runs the phases of one sweep; see :func:`run`."""
 
@@ -93,17 +115,13 @@ class Sweep:
         self.storage = Storage(options.storage)
         self.dir = Storage(self.storage.uri_of(options.name))
         self.local_dir = Path(tempfile.mkdtemp(prefix="amtl-sweep-")) if not self.dir.is_local else Path(self.dir.root)
-        self.state: dict[str, Any] = {"done": [], "options": asdict(options)}
+        self.state: dict[str, Any] = {"done": [], "options": _recorded_options(options)}
         self.rows: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
 
     # -- state -----------------------------------------------------------------------------
     def load_state(self) -> None:
-        exists = self.dir.exists(STATE)
-        if exists and not self.o.resume:
-            raise SweepError(f"sweep '{self.o.name}' already exists in '{self.storage.uri}'; pass --resume to "
-                             f"continue it, or choose another --name")
-        if not exists:
+        if not check_resume(self.o, self.storage):
             return
         self.state = json.loads(self.dir.read_bytes(STATE))
         if self.dir.exists("trials.parquet"):

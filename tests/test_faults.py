@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,7 +169,7 @@ def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_r
     assert "[search] already done" in text
     counts = kr.check(sweep_dir, kept)  # each finished trial once, no duplicate history rows
     trials = pd.read_parquet(sweep_dir / "trials.parquet")
-    assert trials.groupby("phase").size().to_dict() == {"potentials": 2, "search": 2,
+    assert trials.groupby("phase").size().to_dict() == {"potentials": 2, "search": 3,
                                                         "seeds": trials.query("phase == 'seeds'")["method"].nunique()}
     assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
     history = pd.read_parquet(sweep_dir / "history.parquet")
