@@ -195,7 +195,7 @@ class Sweep:
                                           "override": tune.grid_search(overrides)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
         grid = tuner.fit()
-        rows, history = collect(grid, "potentials")
+        rows, history = collect(grid, "potentials", self.dir.uri_of("potentials", "train"))
         self.rows = [r for r in self.rows if r["phase"] != "potentials"] + rows
         self.history = [h for h in self.history if h.get("phase") != "potentials"] + history
         failed = [r for r in rows if r["status"] != "TERMINATED"]
@@ -238,7 +238,7 @@ class Sweep:
                            tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=self.o.samples,
                                            metric=metric, mode=mode))
         grid = tuner.fit()
-        rows, history = collect(grid, "search")
+        rows, history = collect(grid, "search", self.dir.uri_of("search", "train"))
         self.rows = [r for r in self.rows if r["phase"] != "search"] + rows
         self.history = [h for h in self.history if h.get("phase") != "search"] + history
 
@@ -262,7 +262,7 @@ class Sweep:
                                      "seeded": tune.grid_search(runs)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
         grid = tuner.fit()
-        rows, history = collect(grid, "seeds")
+        rows, history = collect(grid, "seeds", self.dir.uri_of("seeds", "train"))
         self.rows = [r for r in self.rows if r["phase"] != "seeds"] + rows
         self.history = [h for h in self.history if h.get("phase") != "seeds"] + history
 
@@ -323,8 +323,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of ``trials.parquet`` and ``history.parquet`` from a Tune ResultGrid."""
+def collect(grid: Any, phase: str, train_storage: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of ``trials.parquet`` and ``history.parquet`` from a Tune ResultGrid.
+
+    Per-epoch rows come from each trial's Ray Train run under ``train_storage`` (every epoch report
+    carries a checkpoint, and Train keeps each checkpoint's metrics): Tune's own ``result.json`` of a
+    trial restored after a driver crash starts empty, because Tune sees no *Tune* checkpoint of it.
+    """
     from sweeps.trial import resolve_trial
 
     rows, history = [], []
@@ -352,7 +357,9 @@ def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str,
             if key in ("val_delta_m", "test_delta_m") or key.startswith(("val/", "test/", "kpi/", "weight/")):
                 row[key] = value
         rows.append(row)
-        frame = result.metrics_dataframe
+        frame = _train_history(train_storage, trial_id)
+        if frame is None:
+            frame = result.metrics_dataframe
         if frame is not None and not frame.empty:
             keep = [c for c in frame.columns if c in ("epoch", "val_delta_m") or c.startswith(("weight/", "kpi/", "val/"))]
             epochs = frame[frame[FINAL_KEY].isna()] if FINAL_KEY in frame.columns else frame
@@ -363,6 +370,28 @@ def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str,
             for record in epochs[keep].to_dict("records"):
                 history.append({"trial_id": trial_id, "phase": phase, "method": method, **record})
     return rows, history
+
+
+def _train_history(train_storage: str | None, trial_id: str) -> pd.DataFrame | None:
+    """Metrics of every checkpoint of the trial's Ray Train run (one per epoch), None without one."""
+    if train_storage is None:
+        return None
+    import logging
+
+    from ray.train import Result
+    train_log = logging.getLogger("ray.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # reading a run logs a paragraph about resuming it, per trial
+    try:
+        result = Result.from_path(f"{train_storage.rstrip('/')}/train-{trial_id}")
+    except RuntimeError:  # no Train run (the trial never started) or no checkpoint yet
+        return None
+    finally:
+        train_log.setLevel(level)
+    frame = result.metrics_dataframe
+    if frame is None or "epoch" not in frame.columns:
+        return None
+    return frame.sort_values("epoch", kind="stable")
 
 
 def trials_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:

@@ -54,7 +54,7 @@ def test_diverging_trial_fails_at_once_with_its_reason_and_is_counted(ray_cluste
     start = time.perf_counter()
     grid = _tune_trials(tmp_path, "nan", overrides, epochs=1, max_failures=5, scheduler=asha)
     elapsed = time.perf_counter() - start
-    rows, history = collect(grid, "search")
+    rows, history = collect(grid, "search", f"{tmp_path}/nan/train")
     by_lr = {(r["method"], r["lr"]): r for r in rows}
     failed = by_lr[("ew", 1e10)]
     assert failed["status"] == "ERROR"
@@ -173,8 +173,10 @@ def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_r
                                                         "seeds": trials.query("phase == 'seeds'")["method"].nunique()}
     assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
     history = pd.read_parquet(sweep_dir / "history.parquet")
+    assert set(history["trial_id"]) == set(trials["trial_id"])
     for trial_id, rows in history.groupby("trial_id"):  # resumed trials too: epochs 1, 2 once each
         assert sorted(rows["epoch"]) == [1, 2], (trial_id, rows["epoch"].tolist())
+        assert rows["kpi/segmentation"].notna().all()
     # The one Optuna study holds the search trials of both driver lives, with their objectives.
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
