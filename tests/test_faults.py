@@ -127,6 +127,9 @@ def kill_resume():
     sys.path.remove(str(REPO / "scripts"))
 
 
+# Three drivers, each starting a local cluster, and 6 trials: about 4 minutes on a quiet 2-core
+# machine, more than the suite's 600 s default when other jobs share the cores.
+@pytest.mark.timeout(1500)
 def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_resume, tmp_path):
     """SIGKILL the sweep driver once during the search (after a search trial finished) and once
     during the seeds phase; ``--resume`` twice. Nothing finished is lost or counted twice, the
@@ -176,7 +179,8 @@ def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_r
     assert set(history["trial_id"]) == set(trials["trial_id"])
     for trial_id, rows in history.groupby("trial_id"):  # resumed trials too: epochs 1, 2 once each
         assert sorted(rows["epoch"]) == [1, 2], (trial_id, rows["epoch"].tolist())
-        assert rows["kpi/segmentation"].notna().all()
+        task = trials.set_index("trial_id").loc[trial_id, "tasks"].split(",")[0]
+        assert rows[f"kpi/{task}"].notna().all()  # real metrics, not placeholders
     # The one Optuna study holds the search trials of both driver lives, with their objectives.
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
