@@ -153,12 +153,14 @@ def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_r
 
         second = kr.start_sweep(storage, name, resume=True, log=log)
         sessions.append(second.pid)
-        kr.wait_for(lambda: any(r.get("epoch") for records in kr.results(sweep_dir, "seeds").values()
-                                for r in records), second, 600, "seeds trial epoch")
+        # As soon as a seeds trial exists: its few-second epochs reach result.json in one burst at
+        # the end, so waiting for one would let the whole (one-trial) phase finish first.
+        kr.wait_for(lambda: any((sweep_dir / "seeds").glob("*/params.json")), second, 600, "seeds trial")
         # The first driver's leftovers were ended by the second driver's local-cluster start.
         assert not kr.alive(leftovers), f"left running by the killed driver: {kr.alive(leftovers)}"
         kept |= kr.finished(sweep_dir, "search") | kr.finished(sweep_dir, "seeds")
         leftovers += kr.kill_driver(second)
+        assert json.loads((sweep_dir / "state.json").read_text())["done"] == ["potentials", "search"]
 
         third = kr.start_sweep(storage, name, resume=True, log=log)
         sessions.append(third.pid)
