@@ -75,6 +75,9 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.optuna_storage:  # W&B records the command line in every run it starts here
+        from sweeps.secrets import redact_url
+        sys.argv[:] = [a.replace(args.optuna_storage, redact_url(args.optuna_storage)) for a in sys.argv]
     from sweeps.cli import BadInput, check_options, connect
     try:
         options = options_from_args(args)

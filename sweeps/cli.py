@@ -34,7 +34,7 @@ def check_options(o: SweepOptions) -> None:
     if o.kpi is not None and o.kpi not in o.tasks:
         raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.tasks)})")
     if o.space is not None and not Path(o.space).is_file():
-        raise SweepError(f"--space file '{o.space}' does not exist")
+        raise SweepError(f"--space file '{o.space}' does not exist; check the path")
     load_space(o.methods, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
     train = TrainConfig.from_dict(o.base_train())
     train.validate()
@@ -44,7 +44,43 @@ def check_options(o: SweepOptions) -> None:
         build_datasets(o.dataset, o.tasks, root=o.data_root, image_size=o.image_size)
     if o.optuna_storage is not None:
         _check_sqlalchemy_url(o.optuna_storage)
-    Storage(o.storage).check_writable()
+    storage = Storage(o.storage)
+    storage.check_writable()
+    _check_existing(o, storage)
+    if o.address:
+        _check_reachable(o.address)
+
+
+def _check_existing(o: SweepOptions, storage: Storage) -> None:
+    """What is already in ``storage``: never start over a sweep by accident, never run on a bad cache."""
+    from sweeps import potentials as pot
+    from sweeps.runner import check_resume
+
+    check_resume(o, storage)
+    if not o.recompute_potentials and storage.exists(pot.FILE):
+        pot.check(storage, o.base_train(), o.tasks)
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes: ``ray.init`` waits about 2 minutes for a GCS that never answers."""
+    import socket
+
+    if address == "auto":  # Ray finds the local cluster's address itself, and fails fast without one
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    default_port = 10001 if address.startswith("ray://") else 6379
+    if not host:
+        host, port = host_port, str(default_port)
+    if not port.isdigit():
+        raise SweepError(f"--address '{address}' is not HOST:PORT; give e.g. 10.0.0.1:6379, ray://10.0.0.1:10001 "
+                         f"or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise SweepError(f"cannot reach the Ray cluster at '{address}' ({err.__class__.__name__}: {err}); check the "
+                         f"address, that the head node runs `ray start --head`, and the firewall") from None
 
 
 def _check_rendered_tasks(o: SweepOptions) -> None:
@@ -119,4 +155,90 @@ def connect(address: str | None) -> None:
             raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
                              f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None
         return
+    end_orphaned_clusters()
     ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=False)
+    _record_local_cluster()
+
+
+# -- the local cluster's processes ------------------------------------------------------------------
+# A driver killed with SIGKILL cannot shut down the local cluster it started; GCS and raylet follow it,
+# but Ray's dashboard and runtime-env agents were seen running on. So the driver records what it
+# started (pid + start time, which guards against pid reuse) and the next local start ends what a
+# dead driver left. A clean exit removes its record.
+
+def _records_dir() -> Path:
+    import os
+    import tempfile
+    return Path(tempfile.gettempdir()) / f"amtl-ray-{os.getuid()}"
+
+
+def _psutil():  # noqa: ANN202
+    import ray  # noqa: F401  Ray bundles psutil (ray/thirdparty_files) and puts it on sys.path
+    import psutil
+    return psutil
+
+
+def _identity(proc: "psutil.Process") -> list[float]:  # noqa: F821 (psutil is imported lazily)
+    return [proc.pid, proc.create_time()]
+
+
+def _record_local_cluster() -> None:
+    import atexit
+    import json
+
+    psutil = _psutil()
+    me = psutil.Process()
+    started = []
+    for child in me.children(recursive=True):
+        try:
+            started.append(_identity(child))
+        except psutil.Error:  # already gone (an idle worker)
+            continue
+    directory = _records_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    record = directory / f"{me.pid}.json"
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"driver": _identity(me), "processes": started}))
+    tmp.replace(record)
+    atexit.register(record.unlink, missing_ok=True)
+
+
+def _same_process(pid: int, created: float) -> "psutil.Process | None":  # noqa: F821
+    psutil = _psutil()
+    try:
+        proc = psutil.Process(int(pid))
+        return proc if abs(proc.create_time() - created) < 0.01 else None
+    except psutil.Error:
+        return None
+
+
+def end_orphaned_clusters() -> list[int]:
+    """End what local clusters of dead drivers left running; returns the pids ended."""
+    import json
+
+    psutil = _psutil()
+    ended: list[int] = []
+    directory = _records_dir()
+    for record in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            record.unlink(missing_ok=True)
+            continue
+        if _same_process(*data["driver"]) is not None:
+            continue  # its driver still runs: its cluster is in use
+        alive = [p for p in (_same_process(*ident) for ident in data["processes"]) if p is not None]
+        for proc in alive:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, still = psutil.wait_procs(alive, timeout=3)
+        for proc in still:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        ended += [p.pid for p in alive]
+        record.unlink(missing_ok=True)
+    return ended

@@ -84,6 +84,18 @@ def read_frame(storage: Storage) -> pd.DataFrame:
     return frame
 
 
+def check(storage: Storage, train: Mapping[str, Any], tasks: Sequence[str]) -> None:
+    """Raise :class:`PotentialsError` when the cached rows this sweep would reuse are unusable."""
+    frame = read_frame(storage)
+    for task in tasks:
+        rows = frame[frame["fingerprint"] == fingerprint(train, task)]
+        if not rows.empty and not (pd.api.types.is_number(rows.iloc[-1]["potential"])
+                                   and 0 < float(rows.iloc[-1]["potential"]) < float("inf")):
+            raise PotentialsError(f"potentials file '{storage.uri_of(FILE)}' holds potential "
+                                  f"{rows.iloc[-1]['potential']!r} for task '{task}', not a positive number; "
+                                  f"delete it or pass --recompute-potentials")
+
+
 def assemble(rows: Mapping[str, pd.Series], train: Mapping[str, Any], tasks: Sequence[str]) -> Potentials:
     potentials, baselines = {}, {"val": {}, "test": {}}
     for task in tasks:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ import pandas as pd
 
 from sweeps import potentials as pot
 from sweeps.storage import Storage
-from sweeps.trial import FINAL_KEY, TRIAL_KEY, run_trial
+from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, run_trial
 
 PHASES = ("potentials", "search", "seeds")
 STATE = "state.json"
@@ -83,6 +84,28 @@ class SweepOptions:
                 "device": "cuda" if self.gpus_per_trial > 0 else "cpu", "log_every": 50}
 
 
+def check_resume(o: SweepOptions, storage: Storage) -> bool:
+    """Whether sweep ``o.name`` exists in ``storage``; SweepError when that contradicts ``o.resume``
+    (a finished or interrupted sweep is never started over by accident, a typo never starts afresh)."""
+    exists = storage.exists(o.name, STATE)
+    if exists and not o.resume:
+        raise SweepError(f"sweep '{o.name}' already exists in '{storage.uri}'; pass --resume to continue it, "
+                         f"or choose another --name")
+    if o.resume and not exists:
+        raise SweepError(f"no sweep '{o.name}' to resume in '{storage.uri}'; check --name and --storage, "
+                         f"or drop --resume to start it")
+    return exists
+
+
+def _recorded_options(options: SweepOptions) -> dict[str, Any]:
+    """The options as written to ``state.json``: a database URL keeps no password."""
+    from sweeps.secrets import redact_url
+    recorded = asdict(options)
+    if recorded["optuna_storage"]:
+        recorded["optuna_storage"] = redact_url(recorded["optuna_storage"])
+    return recorded
+
+
 class Sweep:
     """Runs the phases of one sweep; see :func:`run`."""
 
@@ -92,17 +115,13 @@ class Sweep:
         self.storage = Storage(options.storage)
         self.dir = Storage(self.storage.uri_of(options.name))
         self.local_dir = Path(tempfile.mkdtemp(prefix="amtl-sweep-")) if not self.dir.is_local else Path(self.dir.root)
-        self.state: dict[str, Any] = {"done": [], "options": asdict(options)}
+        self.state: dict[str, Any] = {"done": [], "options": _recorded_options(options)}
         self.rows: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
 
     # -- state -----------------------------------------------------------------------------
     def load_state(self) -> None:
-        exists = self.dir.exists(STATE)
-        if exists and not self.o.resume:
-            raise SweepError(f"sweep '{self.o.name}' already exists in '{self.storage.uri}'; pass --resume to "
-                             f"continue it, or choose another --name")
-        if not exists:
+        if not check_resume(self.o, self.storage):
             return
         self.state = json.loads(self.dir.read_bytes(STATE))
         if self.dir.exists("trials.parquet"):
@@ -139,6 +158,10 @@ class Sweep:
         from ray import tune
 
         path = self.dir.uri_of(phase)
+        # What --resume restores after a driver crash is Tune's last experiment snapshot; Tune's
+        # "auto" period is at least 10 s, and a trial finished after it is rerun. Snapshots of a
+        # sweep's few dozen trials take milliseconds, so take them every 2 s.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
         if phase not in self.state["done"] and tune.Tuner.can_restore(path):
             self.say(f"[{phase}] resuming the experiment in {path}")
@@ -172,9 +195,9 @@ class Sweep:
                                           "override": tune.grid_search(overrides)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
         grid = tuner.fit()
-        rows, history = collect(grid, "potentials")
+        rows, history = collect(grid, "potentials", self.dir.uri_of("potentials", "train"))
         self.rows = [r for r in self.rows if r["phase"] != "potentials"] + rows
-        self.history += history
+        self.history = [h for h in self.history if h.get("phase") != "potentials"] + history
         failed = [r for r in rows if r["status"] != "TERMINATED"]
         if failed:
             raise RuntimeError(f"single-task trial(s) for {', '.join(str(r['method']) for r in failed)} failed: "
@@ -215,7 +238,7 @@ class Sweep:
                            tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=self.o.samples,
                                            metric=metric, mode=mode))
         grid = tuner.fit()
-        rows, history = collect(grid, "search")
+        rows, history = collect(grid, "search", self.dir.uri_of("search", "train"))
         self.rows = [r for r in self.rows if r["phase"] != "search"] + rows
         self.history = [h for h in self.history if h.get("phase") != "search"] + history
 
@@ -239,7 +262,7 @@ class Sweep:
                                      "seeded": tune.grid_search(runs)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
         grid = tuner.fit()
-        rows, history = collect(grid, "seeds")
+        rows, history = collect(grid, "seeds", self.dir.uri_of("seeds", "train"))
         self.rows = [r for r in self.rows if r["phase"] != "seeds"] + rows
         self.history = [h for h in self.history if h.get("phase") != "seeds"] + history
 
@@ -301,8 +324,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of ``trials.parquet`` and ``history.parquet`` from a Tune ResultGrid."""
+def collect(grid: Any, phase: str, train_storage: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of ``trials.parquet`` and ``history.parquet`` from a Tune ResultGrid.
+
+    Per-epoch rows come from each trial's Ray Train run under ``train_storage`` (every epoch report
+    carries a checkpoint, and Train keeps each checkpoint's metrics): Tune's own ``result.json`` of a
+    trial restored after a driver crash starts empty, because Tune sees no *Tune* checkpoint of it.
+    """
     from sweeps.trial import resolve_trial
 
     rows, history = [], []
@@ -310,11 +338,13 @@ def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str,
         metrics = dict(result.metrics or {})
         train, method, hparams, searched = resolve_trial(result.config)
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics.
-        status = "ERROR" if result.error else ("TERMINATED" if metrics.get(FINAL_KEY) else "STOPPED")
+        # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics. A trial that
+        # reported FAILED_KEY (e.g. its loss diverged) ended on purpose but is a failure all the same.
+        error = _one_line(result.error) if result.error else metrics.get(FAILED_KEY)
+        status = "ERROR" if error else ("TERMINATED" if metrics.get(FINAL_KEY) else "STOPPED")
         row: dict[str, Any] = {
             "trial_id": trial_id, "phase": phase, "method": method, "seed": train.get("seed"),
-            "status": status, "error": _one_line(result.error) if result.error else None,
+            "status": status, "error": error,
             "tasks": ",".join(train["tasks"]), "searched": json.dumps(searched, sort_keys=True, default=str),
             "node_id": metrics.get("node_id"), "node_ip": metrics.get("node_ip"),
             "worker_node_ids": metrics.get("worker_node_ids"), "train_seconds": metrics.get("train_seconds_total"),
@@ -329,13 +359,41 @@ def collect(grid: Any, phase: str) -> tuple[list[dict[str, Any]], list[dict[str,
             if key in ("val_delta_m", "test_delta_m") or key.startswith(("val/", "test/", "kpi/", "weight/")):
                 row[key] = value
         rows.append(row)
-        frame = result.metrics_dataframe
+        frame = _train_history(train_storage, trial_id)
+        if frame is None:
+            frame = result.metrics_dataframe
         if frame is not None and not frame.empty:
             keep = [c for c in frame.columns if c in ("epoch", "val_delta_m") or c.startswith(("weight/", "kpi/", "val/"))]
             epochs = frame[frame[FINAL_KEY].isna()] if FINAL_KEY in frame.columns else frame
+            # A trial restored after a driver crash re-reports the epoch of its last checkpoint when
+            # that report outlived the experiment snapshot: one row per epoch, the last one wins.
+            if "epoch" in epochs.columns:
+                epochs = epochs.drop_duplicates(subset="epoch", keep="last")
             for record in epochs[keep].to_dict("records"):
                 history.append({"trial_id": trial_id, "phase": phase, "method": method, **record})
     return rows, history
+
+
+def _train_history(train_storage: str | None, trial_id: str) -> pd.DataFrame | None:
+    """Metrics of every checkpoint of the trial's Ray Train run (one per epoch), None without one."""
+    if train_storage is None:
+        return None
+    import logging
+
+    from ray.train import Result
+    train_log = logging.getLogger("ray.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # reading a run logs a paragraph about resuming it, per trial
+    try:
+        result = Result.from_path(f"{train_storage.rstrip('/')}/train-{trial_id}")
+    except RuntimeError:  # no Train run (the trial never started) or no checkpoint yet
+        return None
+    finally:
+        train_log.setLevel(level)
+    frame = result.metrics_dataframe
+    if frame is None or "epoch" not in frame.columns:
+        return None
+    return frame.sort_values("epoch", kind="stable")
 
 
 def trials_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:

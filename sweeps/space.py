@@ -506,8 +506,6 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int | None,
     ``storage_url`` is any SQLAlchemy URL (``sqlite:///path/optuna.db``, ``postgresql://...``);
     a study of that name already there is loaded and continued. ``None`` keeps the study in memory.
     """
-    import optuna
-
     from sweeps.optuna_search import ResumableOptunaSearch
 
     if mode not in ("min", "max"):
@@ -516,7 +514,8 @@ def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int | None,
     storage = None
     if storage_url:
         _ensure_sqlite_dir(storage_url)
-        storage = optuna.storages.RDBStorage(storage_url)
+        from sweeps.secrets import RedactedRDBStorage
+        storage = RedactedRDBStorage(storage_url)  # Tune pickles it to disk: never with a password
     # With a space given, OptunaSearch builds its study now, so it needs metric and mode here as
     # well as in TuneConfig.
     return ResumableOptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,

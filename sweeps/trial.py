@@ -18,13 +18,15 @@ from typing import Any, Mapping
 
 import torch
 
-from amtl.trainer import CHECKPOINT, TrainConfig, Trainer
+from amtl.trainer import CHECKPOINT, NonFiniteLossError, TrainConfig, Trainer
 from sweeps.tracking import flatten_record
 
 #: Key of the Tune config entry that carries the fixed part of a trial (not searched).
 TRIAL_KEY = "trial"
 #: Metric set only in a trial's last report (test metrics after training finished).
 FINAL_KEY = "final"
+#: Metric of a final report that ends the trial as failed: the reason, one line.
+FAILED_KEY = "failed"
 
 
 class _RayReporter:
@@ -92,7 +94,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             trainer.load_checkpoint(Path(directory) / CHECKPOINT)
         reporter.train_seconds = sum(r["train_seconds"] for r in trainer.history)
     baselines = spec.get("baselines") or {}
-    result = trainer.fit(resume=False, baselines=baselines.get("val"), test_baselines=baselines.get("test"))
+    try:
+        result = trainer.fit(resume=False, baselines=baselines.get("val"), test_baselines=baselines.get("test"))
+    except NonFiniteLossError as err:
+        # Deterministic: a retry from the last checkpoint would diverge again, so end the trial now
+        # (an exception would be retried max_failures times by Ray Train: Ray 2.60 has no
+        # per-exception "do not retry"). Every rank sees the same global loss, so all ranks get here.
+        _report_failed(trainer, config, f"non-finite loss: {err}", logger, reporter.train_seconds)
+        return
     # "final", not "done": Tune adds its own "done" key to every result.
     final: dict[str, Any] = {FINAL_KEY: True, "epoch": trainer.epoch, "step": trainer.step,
                              "train_seconds_total": reporter.train_seconds, **_placement()}
@@ -108,6 +117,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         final[f"weight/{task}"] = value
     if logger is not None:
         logger.set_summary({k: v for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        logger.finish()
+    ray.train.report(final)
+
+
+def _report_failed(trainer: Trainer, config: TrainConfig, reason: str, logger: Any | None,
+                   train_seconds: float) -> None:
+    """The last report of a trial that cannot succeed: the reason, and NaN objectives.
+
+    Tune requires the objective in every result, so it is NaN (Optuna records the trial as failed,
+    ASHA ignores NaN); ``sweeps.runner.collect`` turns the reason into status ERROR and its error.
+    """
+    import ray.train
+
+    final: dict[str, Any] = {FINAL_KEY: True, FAILED_KEY: reason, "epoch": trainer.epoch, "step": trainer.step,
+                             "val_delta_m": math.nan, "test_delta_m": math.nan, "node_id": _node_id(),
+                             "train_seconds_total": train_seconds,
+                             **{f"kpi/{task}": math.nan for task in config.tasks}}
+    if logger is not None:
+        logger.set_summary({FAILED_KEY: reason})
         logger.finish()
     ray.train.report(final)
 

@@ -1,0 +1,230 @@
+"""Bad input to ``run_sweep.py``: exit 2, one stderr line naming the problem and the fix, no
+traceback, and nothing already written is touched. Every case is found before Ray starts.
+
+Most cases call ``run_sweep.main`` in this process (fast); the ones marked ``subprocess`` run the
+real script, as a user would.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import run_sweep
+from amtl.data.nyuv2 import write_nyuv2_tree
+from amtl.data.voc import write_voc_tree
+
+REPO = Path(__file__).resolve().parent.parent
+# Words a message uses when it tells the user what to do.
+FIX_WORDS = re.compile(r"\b(pass|give|use|remove|check|choose|delete|fix|drop|set|see --help|must|need|list|"
+                       r"lower|make|expected|known|one of|at least|put|rename|write|narrow|searchable|hint|"
+                       r"aggregators|weightings)\b", re.I)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Storage with an earlier sweep and cached potentials, data trees and space files, good and bad."""
+    root = tmp_path_factory.mktemp("bad-input")
+    store = root / "store"
+    (store / "old").mkdir(parents=True)
+    (store / "old" / "state.json").write_text('{"done": ["potentials", "search"], "options": {}}')
+    pd.DataFrame({"trial_id": ["a"], "phase": ["search"], "status": ["TERMINATED"]}).to_parquet(
+        store / "old" / "trials.parquet")
+    (store / "old" / "notes.txt").write_text("hours of work")
+    corrupt = root / "corrupt-potentials"
+    corrupt.mkdir()
+    (corrupt / "potentials.parquet").write_bytes(b"PAR1 this is not parquet")
+    foreign = root / "foreign-potentials"
+    foreign.mkdir()
+    pd.DataFrame({"task": ["depth"], "value": [0.5]}).to_parquet(foreign / "potentials.parquet")
+    as_file = root / "a-file"
+    as_file.write_text("not a directory")
+
+    rng = np.random.default_rng(0)
+    def nyu(path: Path, n_train: int = 4) -> Path:
+        for split, n in (("train", n_train), ("val", 2)):
+            write_nyuv2_tree(path, split, rng.random((n, 8, 8, 3), dtype=np.float32),
+                             rng.integers(0, 13, (n, 8, 8)).astype(np.float32),
+                             rng.random((n, 8, 8, 1), dtype=np.float32) + 0.5, None)
+        return path
+    nyu_missing = nyu(root / "nyu-missing")
+    (nyu_missing / "train" / "depth" / "2.npy").unlink()  # indices 0, 1, 3: a hole
+    nyu_ragged = nyu(root / "nyu-ragged")
+    np.save(nyu_ragged / "train" / "label" / "4.npy", np.zeros((8, 8), np.float32))  # 5 labels, 4 images
+    nyu_no_depth = nyu(root / "nyu-no-depth")
+    for p in (nyu_no_depth / "val" / "depth").glob("*.npy"):
+        p.unlink()
+    (nyu_no_depth / "val" / "depth").rmdir()
+    voc = root / "voc-no-imagesets"
+    img = np.full((3, 8, 8), 128, np.uint8)
+    write_voc_tree(voc, {"train": {"images": {"a": img, "b": img}, "segmentation": {"a": np.zeros((8, 8), np.int64),
+                                                                                     "b": np.zeros((8, 8), np.int64)}}})
+    import shutil
+    shutil.rmtree(voc / "VOCdevkit" / "VOC2012" / "ImageSets")
+
+    spaces = root / "spaces"
+    spaces.mkdir()
+    for name, text in {
+        "malformed": "method: amtl\nparams: {focusing: {distribution: uniform, low: 1\n",
+        "unknown-hparam": "method: amtl\nparams:\n  focus: {distribution: uniform, low: 1, high: 2}\n",
+        "wrong-type": "method: amtl\nparams:\n  focusing: {distribution: uniform, low: one, high: 2}\n",
+        "empty-range": "method: amtl\nparams:\n  focusing: {distribution: uniform, low: 2, high: 2}\n",
+        "inverted": "method: amtl\nparams:\n  margin: {distribution: uniform, low: 0.2, high: 0.1}\n",
+        "log-zero": "method: amtl\nparams:\n  margin: {distribution: loguniform, low: 0.0, high: 0.1}\n",
+        "unknown-distribution": "method: amtl\nparams:\n  margin: {distribution: normal, low: 0.0, high: 0.1}\n",
+        "empty-choices": "method: amtl\nparams:\n  margin: {distribution: categorical, choices: []}\n",
+        "method-mismatch": "method: dwa\nparams:\n  focusing: {distribution: uniform, low: 1, high: 2}\n",
+        "searched-potentials": "method: amtl\nparams:\n  potentials: {distribution: categorical, choices: [1]}\n",
+        "shared-epochs": "methods: [amtl]\nshared:\n  epochs: {distribution: int, low: 1, high: 3}\n",
+        "not-a-mapping": "- just\n- a list\n",
+        "out-of-range": "methods: [amtl]\nshared:\n  lr: {distribution: loguniform, low: 1.0e-3, high: 10.0}\n",
+    }.items():
+        (spaces / f"{name}.yaml").write_text(text)
+    return {"root": root, "store": store, "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
+            "nyu_missing": nyu_missing, "nyu_ragged": nyu_ragged, "nyu_no_depth": nyu_no_depth, "voc": voc,
+            "spaces": spaces}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# (id, argv with {placeholders} from the world fixture, regex the one line must match)
+CASES = [
+    ("unknown-method", "--method nosuch", r"nosuch"),
+    ("unknown-combination", "--method amtl+nosuch", r"nosuch"),
+    ("negative-epochs", "--epochs -1", r"--epochs must be at least 1, got -1"),
+    ("zero-seeds", "--seeds 0", r"--seeds must be at least 1, got 0"),
+    ("zero-samples", "--samples 0", r"--samples must be at least 1"),
+    ("zero-workers", "--workers-per-trial 0", r"--workers-per-trial must be at least 1"),
+    ("epochs-not-int", "--epochs three", r"--epochs: invalid int value"),
+    ("unknown-scheduler", "--scheduler pbt", r"--scheduler: invalid choice"),
+    ("unknown-option", "--epcohs 3", r"unrecognized arguments: --epcohs"),
+    ("zero-cpus", "--cpus-per-trial 0", r"--cpus-per-trial must be > 0"),
+    ("negative-gpus", "--gpus-per-trial -0.5", r"--gpus-per-trial"),
+    ("zero-concurrency", "--max-concurrent 0", r"--max-concurrent must be at least 1"),
+    ("zero-batch", "--batch-size 0", r"batch"),
+    ("negative-lr", "--lr -0.1", r"lr"),
+    ("unknown-task", "--tasks segmentation,colour", r"colour"),
+    ("task-dataset-lacks", "--tasks segmentation,detection_x", r"detection_x"),
+    ("kpi-not-a-task", "--tasks segmentation,depth --kpi normal", r"--kpi 'normal' is not one of"),
+    ("bad-name", "--name ../elsewhere", r"--name '../elsewhere' must be a plain folder name"),
+    ("unknown-dataset", "--dataset imagenet", r"imagenet"),
+    ("nyu-without-root", "--dataset nyuv2 --tasks segmentation,depth", r"needs a data root; pass --data-root"),
+    ("nyu-missing-root", "--dataset nyuv2 --tasks segmentation,depth --data-root {root}/nowhere",
+     r"does not exist"),
+    ("nyu-missing-file", "--dataset nyuv2 --tasks segmentation,depth --data-root {nyu_missing}", r"2\.npy is missing"),
+    ("nyu-ragged", "--dataset nyuv2 --tasks segmentation,depth --data-root {nyu_ragged}", r"has 5 files"),
+    ("nyu-missing-modality", "--dataset nyuv2 --tasks segmentation,depth --data-root {nyu_no_depth}",
+     r"depth directory does not exist"),
+    ("voc-without-imagesets", "--dataset voc --tasks segmentation --data-root {voc}", r"ImageSets"),
+    ("space-missing", "--space {root}/nowhere.yaml", r"--space file .* does not exist"),
+    ("space-malformed", "--space {spaces}/malformed.yaml", r"malformed\.yaml"),
+    ("space-unknown-hparam", "--space {spaces}/unknown-hparam.yaml", r"focus"),
+    ("space-wrong-type", "--space {spaces}/wrong-type.yaml", r"low"),
+    ("space-empty-range", "--space {spaces}/empty-range.yaml", r"focusing"),
+    ("space-inverted-range", "--space {spaces}/inverted.yaml", r"margin"),
+    ("space-log-touching-zero", "--space {spaces}/log-zero.yaml", r"margin"),
+    ("space-unknown-distribution", "--space {spaces}/unknown-distribution.yaml", r"normal"),
+    ("space-empty-choices", "--space {spaces}/empty-choices.yaml", r"choices"),
+    ("space-method-mismatch", "--method dwa --space {spaces}/method-mismatch.yaml", r"focusing|method"),
+    ("space-searches-potentials", "--space {spaces}/searched-potentials.yaml", r"potentials"),
+    ("space-searches-budget", "--space {spaces}/shared-epochs.yaml", r"epochs"),
+    ("space-not-a-mapping", "--space {spaces}/not-a-mapping.yaml", r"not-a-mapping\.yaml"),
+    ("space-out-of-range", "--space {spaces}/out-of-range.yaml", r"lr"),
+    ("optuna-url", "--optuna-storage not-a-url", r"--optuna-storage is not a SQLAlchemy URL"),
+    ("storage-is-a-file", "--storage {as_file}/sub", r"cannot write to storage"),
+    ("existing-sweep", "--name old", r"sweep 'old' already exists .* pass --resume"),
+    ("nothing-to-resume", "--name never-ran --resume", r"no sweep 'never-ran' to resume"),
+    ("corrupt-potentials", "--storage {corrupt}", r"potentials file .* is unreadable .* --recompute-potentials"),
+    ("foreign-potentials", "--storage {foreign}", r"potentials file .* lacks columns .* --recompute-potentials"),
+]
+SUBPROCESS = {"unknown-method", "existing-sweep"}
+
+
+def _argv(template: str, world: dict, *extra: str) -> list[str]:
+    argv = template.format(**{k: v for k, v in world.items()}).split()
+    defaults = {"--storage": str(world["store"]), "--name": "new"}
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, value]
+    return argv + ["--no-wandb", *extra]
+
+
+def _check_one_line(err: str, pattern: str) -> str:
+    assert "Traceback" not in err, err
+    assert err.endswith("\n") and err.count("\n") == 1, f"not exactly one line:\n{err}"
+    line = err.strip()
+    assert line.startswith("run_sweep.py: error: "), line
+    assert re.search(pattern, line), f"{pattern!r} not in: {line}"
+    assert FIX_WORDS.search(line.split("error: ", 1)[1]), f"no fix named: {line}"
+    return line
+
+
+@pytest.mark.parametrize("case, template, pattern", [c for c in CASES if c[0] not in SUBPROCESS],
+                         ids=[c[0] for c in CASES if c[0] not in SUBPROCESS])
+def test_bad_input_in_process(world, capsys, case, template, pattern):
+    before = _snapshot(world["root"])
+    # A case that wrongly passed every check would start a sweep; an unreachable --address (the
+    # last check) stops it in seconds instead, and then the pattern does not match.
+    argv = _argv(template, world, "--address", f"127.0.0.1:{_closed_port()}")
+    try:
+        code = run_sweep.main(argv)
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code == 2, (code, captured.err)
+    _check_one_line(captured.err, pattern)
+    assert _snapshot(world["root"]) == before  # nothing written is lost or changed
+    import ray
+    assert not ray.is_initialized()  # found before Ray started
+
+
+def test_cases_cover_the_issue_list():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "run_sweep.py"), *argv], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_bad_input_as_real_processes(world):
+    """The script itself, run as a user would, one process at a time. An unreachable --address must
+    fail in seconds: ``ray.init`` alone waits about two minutes for a GCS that never answers."""
+    before = _snapshot(world["root"])
+    cases = [c for c in CASES if c[0] in SUBPROCESS]
+    cases.append(("refused-address", f"--address 127.0.0.1:{_closed_port()}",
+                  r"cannot reach the Ray cluster at '127\.0\.0\.1:\d+'.*check the address"))
+    cases.append(("silent-address", "--address 192.0.2.1:6379", r"cannot reach the Ray cluster at '192\.0\.2\.1"))
+    seconds = {}
+    for case, template, pattern in cases:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(REPO / "run_sweep.py"), *_argv(template, world)], cwd=REPO,
+                              text=True, capture_output=True, timeout=300)
+        seconds[case] = time.perf_counter() - start
+        assert done.returncode == 2, (case, done.stderr)
+        assert done.stdout == ""
+        _check_one_line(done.stderr, pattern)
+    # Interpreter start and imports dominate (and vary with the machine's load): compare with the
+    # case that fails without any network, measured beside them. The connect timeout is 3 s.
+    baseline = seconds["unknown-method"]
+    for case in ("refused-address", "silent-address"):
+        assert seconds[case] < baseline + 10, seconds
+    print({k: round(v, 1) for k, v in seconds.items()})
+    assert _snapshot(world["root"]) == before

@@ -1,0 +1,191 @@
+"""Faults a long sweep must survive, on a real local Ray cluster with real Optuna and W&B offline runs.
+
+- a trial whose loss diverges ends at once as failed, with the reason, and is counted per method;
+- a Ray Train worker SIGKILLed mid-epoch: the trial resumes from its last checkpoint and finishes;
+- the sweep driver SIGKILLed, then ``--resume``: every finished trial kept once, no duplicate history,
+  the Optuna study continues, and the Ray processes the dead driver left behind are ended.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ["segmentation", "depth"]
+TINY_TRAIN = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, device="cpu",
+                  log_every=50, seed=0, data_seed=0)
+
+
+def _tune_trials(tmp_path: Path, name: str, overrides: list[dict], epochs: int, max_failures: int = 2,
+                 scheduler=None, metric: str = "kpi/segmentation", mode: str = "max"):
+    """Run ``run_trial`` (the sweep's own trainable) over ``overrides`` as one Tune experiment."""
+    from ray import tune
+
+    from sweeps.runner import DRIVER_RESOURCES
+    from sweeps.trial import TRIAL_KEY, run_trial
+
+    spec = {"phase": "search", "train": {**TINY_TRAIN, "epochs": epochs}, "workers": 1, "cpus_per_worker": 1,
+            "threads": 1, "train_storage": f"{tmp_path}/{name}/train", "max_failures": max_failures}
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, DRIVER_RESOURCES),
+        param_space={TRIAL_KEY: spec, "override": tune.grid_search(overrides)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, metric=metric, mode=mode, max_concurrent_trials=2),
+        run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    return tuner.fit()
+
+
+def test_diverging_trial_fails_at_once_with_its_reason_and_is_counted(ray_cluster, tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweeps.leaderboard import build_leaderboard
+    from sweeps.runner import collect
+
+    # lr 1e10 makes both losses non-finite at the first step; the other trial is an ordinary one.
+    overrides = [{"balancer": "ew", "lr": 1e10}, {"balancer": "dwa", "lr": 2e-3}]
+    asha = ASHAScheduler(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=2)
+    start = time.perf_counter()
+    grid = _tune_trials(tmp_path, "nan", overrides, epochs=1, max_failures=5, scheduler=asha)
+    elapsed = time.perf_counter() - start
+    rows, history = collect(grid, "search", f"{tmp_path}/nan/train")
+    by_lr = {(r["method"], r["lr"]): r for r in rows}
+    failed = by_lr[("ew", 1e10)]
+    assert failed["status"] == "ERROR"
+    assert failed["error"].startswith("non-finite loss: loss of task(s) segmentation, depth became non-finite")
+    assert "lower the learning rate" in failed["error"]
+    # Not retried: Ray Train's max_failures=5 would rerun it 5 more times from scratch, each failing
+    # the same way, and the error would then be Ray's TrainingFailedError, not the reason itself.
+    assert not [h for h in history if h["trial_id"] == failed["trial_id"]]  # it never finished an epoch
+    assert by_lr[("dwa", 2e-3)]["status"] == "TERMINATED", by_lr[("dwa", 2e-3)]["error"]  # the sweep went on
+    trials = pd.DataFrame(rows).assign(val_delta_m=lambda f: f.get("val_delta_m", float("nan")),
+                                       test_delta_m=lambda f: f.get("test_delta_m", float("nan")))
+    board = build_leaderboard(trials, ["lr"]).set_index("method")
+    assert board.loc["ew", "trials"] == 1 and board.loc["ew", "failed"] == 1
+    assert board.loc["dwa", "trials"] == 1 and board.loc["dwa", "failed"] == 0
+    print(f"2 trials, one diverging, in {elapsed:.1f}s")
+
+
+def _train_worker_pids() -> set[int]:
+    import ray
+    from ray.util.state import list_actors
+    # The address matters: other Ray clusters may run on this machine.
+    return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+
+
+def test_killed_train_worker_resumes_from_its_last_checkpoint(ray_cluster, tmp_path):
+    """SIGKILL the trial's Ray Train worker after its first epoch checkpoint: Ray's FailureConfig
+    restarts it from that checkpoint, so each epoch is reported exactly once and the trial finishes."""
+    import threading
+
+    killed: list[int] = []
+    errors: list[BaseException] = []
+    train_dir = tmp_path / "killed" / "train"
+
+    def kill_after_first_checkpoint() -> None:
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if list(train_dir.glob("train-*/checkpoint_*")):
+                    pids = _train_worker_pids()
+                    if pids:
+                        pid = pids.pop()
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+                time.sleep(0.1)
+        except BaseException as err:  # surfaced by the test body
+            errors.append(err)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    # 256 images per epoch: long enough that the kill lands inside the second epoch (or close).
+    grid = _tune_trials(tmp_path, "killed", [{"balancer": "ew", "n_train": 256}], epochs=3, max_failures=2)
+    watcher.join(timeout=10)
+    assert not errors, errors
+    assert killed, "the Ray Train worker was never found"
+    result = grid[0]
+    assert result.error is None, result.error
+    assert result.metrics["final"] is True and result.metrics["epoch"] == 3
+    # Raw reports, before any deduplication: restarting from scratch would report epoch 1 again.
+    epochs = result.metrics_dataframe["epoch"].tolist()
+    assert epochs == [1, 2, 3, 3], epochs  # three epochs, then the final report (epoch 3 again)
+    assert killed[0] not in _train_worker_pids()
+
+
+@pytest.fixture(scope="module")
+def kill_resume():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import kill_resume as kr
+    yield kr
+    sys.path.remove(str(REPO / "scripts"))
+
+
+# Three drivers, each starting a local cluster, and 6 trials: about 4 minutes on a quiet 2-core
+# machine, more than the suite's 600 s default when other jobs share the cores.
+@pytest.mark.timeout(1500)
+def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_resume, tmp_path):
+    """SIGKILL the sweep driver once during the search (after a search trial finished) and once
+    during the seeds phase; ``--resume`` twice. Nothing finished is lost or counted twice, the
+    Optuna study goes on, and no Ray process of a killed driver is left running."""
+    import optuna
+
+    kr = kill_resume
+    storage, name = tmp_path / "store", "killed"
+    sweep_dir = storage / name
+    log = tmp_path / "sweep.log"
+    sessions: list[int] = []
+    leftovers: list[tuple[int, float]] = []
+    try:
+        first = kr.start_sweep(storage, name, log=log)
+        sessions.append(first.pid)
+        kr.wait_for(lambda: kr.finished(sweep_dir, "search"), first, 600, "finished search trial")
+        kept = kr.finished(sweep_dir, "search") | kr.finished(sweep_dir, "potentials")
+        leftovers += kr.kill_driver(first)
+        state = json.loads((sweep_dir / "state.json").read_text())
+        assert state["done"] == ["potentials"]
+
+        second = kr.start_sweep(storage, name, resume=True, log=log)
+        sessions.append(second.pid)
+        # As soon as a seeds trial exists: its few-second epochs reach result.json in one burst at
+        # the end, so waiting for one would let the whole (one-trial) phase finish first.
+        kr.wait_for(lambda: any((sweep_dir / "seeds").glob("*/params.json")), second, 600, "seeds trial")
+        # The first driver's leftovers were ended by the second driver's local-cluster start.
+        assert not kr.alive(leftovers), f"left running by the killed driver: {kr.alive(leftovers)}"
+        kept |= kr.finished(sweep_dir, "search") | kr.finished(sweep_dir, "seeds")
+        leftovers += kr.kill_driver(second)
+        assert json.loads((sweep_dir / "state.json").read_text())["done"] == ["potentials", "search"]
+
+        third = kr.start_sweep(storage, name, resume=True, log=log)
+        sessions.append(third.pid)
+        assert third.wait(timeout=900) == 0, log.read_text()[-3000:]
+        assert not kr.alive(leftovers)
+    finally:
+        for session in sessions:
+            kr.end_session(session)
+    text = log.read_text()
+    assert "[search] resuming the experiment" in text and "[seeds] resuming the experiment" in text
+    assert "[search] already done" in text
+    counts = kr.check(sweep_dir, kept)  # each finished trial once, no duplicate history rows
+    trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    assert trials.groupby("phase").size().to_dict() == {"potentials": 2, "search": 3,
+                                                        "seeds": trials.query("phase == 'seeds'")["method"].nunique()}
+    assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
+    history = pd.read_parquet(sweep_dir / "history.parquet")
+    assert set(history["trial_id"]) == set(trials["trial_id"])
+    for trial_id, rows in history.groupby("trial_id"):  # resumed trials too: epochs 1, 2 once each
+        assert sorted(rows["epoch"]) == [1, 2], (trial_id, rows["epoch"].tolist())
+        task = trials.set_index("trial_id").loc[trial_id, "tasks"].split(",")[0]
+        assert rows[f"kpi/{task}"].notna().all()  # real metrics, not placeholders
+    # The one Optuna study holds the search trials of both driver lives, with their objectives.
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for value in trials.query("phase == 'search'")["val_delta_m"]:
+        assert value == pytest.approx(min(values, key=lambda v: abs(v - value))), (value, values)
+    print(counts, f"{len(leftovers)} process(es) outlived the killed drivers")
