@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--n-val", type=int, default=d.n_val)
     add("--n-test", type=int, default=d.n_test)
     add("--batch-size", type=int, default=d.batch_size, help="global batch size (split over workers)")
+    add("--sampler", choices=("random", "task-balanced"), default=d.sampler,
+        help="task-balanced: draw samples of rarely labelled tasks more often (partial dataset)")
     add("--lr", type=float, default=d.lr)
     add("--kpi", default=None, help="optimise this task's validation KPI instead of Delta-m")
     add("--scheduler", choices=("asha", "fifo"), default=d.scheduler)

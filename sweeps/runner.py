@@ -51,6 +51,7 @@ class SweepOptions:
     n_val: int = 200
     n_test: int = 200
     batch_size: int = 32
+    sampler: str = "random"  # or "task-balanced" (partially annotated data)
     lr: float = 2e-3
     scheduler: str = "asha"
     max_concurrent: int | None = None
@@ -80,7 +81,8 @@ class SweepOptions:
         return {"tasks": list(self.tasks), "dataset": self.dataset, "data_root": self.data_root,
                 "image_size": self.image_size, "n_train": self.n_train, "n_val": self.n_val,
                 "n_test": self.n_test, "model": self.model, "epochs": self.epochs,
-                "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "data_seed": 0,
+                "batch_size": self.batch_size, "sampler": self.sampler, "lr": self.lr, "seed": self.seed,
+                "data_seed": 0,
                 "device": "cuda" if self.gpus_per_trial > 0 else "cpu", "log_every": 50}
 
 

@@ -309,3 +309,11 @@ def test_sweep_input_check_accepts_partial_without_rendering(tmp_path, monkeypat
     assert not (tmp_path / "cache").exists()  # rendered inside the trials, not by the driver's check
     with pytest.raises(DatasetConfigError, match="'partial' has no labels for task.s. normal"):
         check_options(SweepOptions(dataset="partial", tasks=["depth", "normal"], storage=str(tmp_path / "s")))
+
+
+def test_sweep_passes_the_sampler_to_every_trial():
+    from run_sweep import build_parser, options_from_args
+    options = options_from_args(build_parser().parse_args(
+        ["--dataset", "partial", "--tasks", "segmentation,depth", "--sampler", "task-balanced"]))
+    assert options.base_train()["sampler"] == "task-balanced"
+    assert options_from_args(build_parser().parse_args([])).base_train()["sampler"] == "random"
