@@ -27,6 +27,9 @@ import pandas as pd
 import ray  # noqa: F401  Ray bundles psutil (ray/thirdparty_files) and puts it on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the repository, also when not installed
+from sweeps import processes  # noqa: E402
+
 #: A small sweep: 2 single-task potentials, 3 search trials over two methods (2 at once, so the third
 #: runs alone after two finished), the best of each method x 1 seed.
 TINY_SWEEP = ["--method", "ew,dwa", "--samples", "3", "--seeds", "1", "--epochs", "2", "--tasks",
@@ -45,7 +48,7 @@ def start_sweep(storage: Path, name: str, args: Sequence[str] = TINY_SWEEP, resu
 
 def session_processes(session_id: int) -> list[tuple[int, float]]:
     """(pid, start time) of every live process in a session (what a driver and its cluster started)."""
-    import psutil
+    psutil = processes.psutil()
     found = []
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
@@ -56,17 +59,9 @@ def session_processes(session_id: int) -> list[tuple[int, float]]:
     return found
 
 
-def alive(processes: Sequence[tuple[int, float]]) -> list[int]:
-    import psutil
-    pids = []
-    for pid, created in processes:
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
-                pids.append(pid)
-        except psutil.Error:
-            continue
-    return pids
+def alive(recorded: Sequence[tuple[int, float]]) -> list[int]:
+    """PIDs of the recorded (pid, start time) pairs that still run."""
+    return [proc.pid for proc in processes.alive(recorded)]
 
 
 def end_session(session_id: int) -> None:

@@ -11,6 +11,7 @@ from amtl.balancers import HParamError
 from amtl.data.nyuv2 import DatasetError
 from amtl.data.registry import DatasetConfigError, build_datasets
 from amtl.trainer import ConfigError, TrainConfig
+from sweeps import processes
 from sweeps.potentials import PotentialsError
 from sweeps.runner import SweepError, SweepOptions
 from sweeps.space import SpaceError, load_space
@@ -172,51 +173,31 @@ def _records_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"amtl-ray-{os.getuid()}"
 
 
-def _psutil():  # noqa: ANN202
-    import ray  # noqa: F401  Ray bundles psutil (ray/thirdparty_files) and puts it on sys.path
-    import psutil
-    return psutil
-
-
-def _identity(proc: "psutil.Process") -> list[float]:  # noqa: F821 (psutil is imported lazily)
-    return [proc.pid, proc.create_time()]
-
-
 def _record_local_cluster() -> None:
     import atexit
     import json
 
-    psutil = _psutil()
+    psutil = processes.psutil()
     me = psutil.Process()
     started = []
     for child in me.children(recursive=True):
         try:
-            started.append(_identity(child))
+            started.append(processes.identity(child))
         except psutil.Error:  # already gone (an idle worker)
             continue
     directory = _records_dir()
     directory.mkdir(parents=True, exist_ok=True)
     record = directory / f"{me.pid}.json"
     tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"driver": _identity(me), "processes": started}))
+    tmp.write_text(json.dumps({"driver": processes.identity(me), "processes": started}))
     tmp.replace(record)
     atexit.register(record.unlink, missing_ok=True)
-
-
-def _same_process(pid: int, created: float) -> "psutil.Process | None":  # noqa: F821
-    psutil = _psutil()
-    try:
-        proc = psutil.Process(int(pid))
-        return proc if abs(proc.create_time() - created) < 0.01 else None
-    except psutil.Error:
-        return None
 
 
 def end_orphaned_clusters() -> list[int]:
     """End what local clusters of dead drivers left running; returns the pids ended."""
     import json
 
-    psutil = _psutil()
     ended: list[int] = []
     directory = _records_dir()
     for record in sorted(directory.glob("*.json")) if directory.is_dir() else []:
@@ -225,20 +206,8 @@ def end_orphaned_clusters() -> list[int]:
         except (OSError, ValueError):
             record.unlink(missing_ok=True)
             continue
-        if _same_process(*data["driver"]) is not None:
+        if processes.find(*data["driver"]) is not None:
             continue  # its driver still runs: its cluster is in use
-        alive = [p for p in (_same_process(*ident) for ident in data["processes"]) if p is not None]
-        for proc in alive:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(alive, timeout=3)
-        for proc in still:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        ended += [p.pid for p in alive]
+        ended += processes.end(processes.alive(data["processes"]))
         record.unlink(missing_ok=True)
     return ended
