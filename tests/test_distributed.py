@@ -139,10 +139,14 @@ def test_two_workers_equal_one_worker(case, two_workers, data):
     one = _outcome(single, single.fit())
     rank0, rank1 = (w["cases"][case] for w in two_workers)
     # Summation order differs between 1 and 2 workers: agreement to float32 rounding, relative to
-    # how far each tensor moved in the two steps (an inexact reduction is off by far more).
+    # how far each tensor moved in the two steps (an inexact reduction is off by far more: O(1)).
+    # Geometric objectives (gls, amtl) amplify rounding more: on one CPU they measured 4.2e-4 on one
+    # decoder conv against <= 1.5e-5 for arithmetic weightings, and a 1e-7 perturbation of the
+    # initial weights moved them 2.5x more than EW; hence their looser bound.
+    rtol = 1e-3 if balancer in ("gls", "amtl") else 2e-4
     for a, b, s in zip(one["params"], rank0["params"], start):
         moved = float((a - s).norm())
-        assert float((b - a).norm()) <= 2e-4 * moved + 1e-6, (case, moved, float((b - a).norm()))
+        assert float((b - a).norm()) <= rtol * moved + 1e-6, (case, moved, float((b - a).norm()))
     for a, b in zip(rank0["params"], rank1["params"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # every rank ends with the same model
     _assert_same_state(one["state"], rank0["state"], rtol=1e-4, atol=1e-6)
