@@ -112,16 +112,19 @@ def _conv_layer(node: Node, weight: int) -> _Conv | None:
 
 
 def _prefers_kernel(n: int, p: int, out: int, tasks: int) -> bool:
-    """Option B if it needs fewer multiply-adds than option A.
+    """Option B if it needs at most 2/3 of option A's multiply-adds (n positions, p = in*kh*kw).
 
     A: T weight gradients (T N p out) and their dot products (T^2 p out / 2).
     B: the kernel U U^T (N^2 p), K D_t for every task (T N^2 out), the final weight gradient (N p out).
+    The margin: measured on CPU (1 thread, bench/balancers.py's model), B's plain matrix products
+    ran ~1.5x fewer multiply-adds per second than the conv weight-gradient kernels of A, so on the
+    ResNet-18 layer3 convs (B/A = 0.77 in multiply-adds) A was still faster, 8 against 9-10 ms.
     """
     if n > _KERNEL_MAX_POSITIONS:
         return False
     cost_a = tasks * n * p * out + tasks * tasks * p * out // 2
     cost_b = n * n * p + tasks * n * n * out + n * p * out
-    return cost_b < cost_a
+    return 3 * cost_b <= 2 * cost_a
 
 
 class LayerwiseGramian:
