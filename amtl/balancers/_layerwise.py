@@ -107,7 +107,9 @@ def _conv_layer(node: Node, weight: int) -> _Conv | None:
     x = node._saved_input
     if node._saved_transposed or node._saved_groups != 1 or x is None or x.dim() != 4:
         return None
-    return _Conv(node, weight, x, tuple(node._saved_stride), tuple(node._saved_padding),
+    # Detached: the saved input is an activation with a history, and the products below must not
+    # record a graph for double backward.
+    return _Conv(node, weight, x.detach(), tuple(node._saved_stride), tuple(node._saved_padding),
                  tuple(node._saved_dilation))
 
 
@@ -184,7 +186,7 @@ class LayerwiseGramian:
 
     def _weight_grad(self, conv: _Conv, delta: Tensor) -> Tensor:
         """The conv's weight gradient for output gradient ``delta`` (weight gradient only)."""
-        weight = self.params[conv.weight]
+        weight = self.params[conv.weight].detach()  # read for its shape; no graph to record
         return torch.ops.aten.convolution_backward(
             delta, conv.input, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1,
             (False, True, False))[1]

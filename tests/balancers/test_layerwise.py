@@ -88,6 +88,7 @@ def test_matches_plain_engine(setup, name, spy):
     new = run(setup, name, layerwise=True)
     assert len(spy) == 1 and spy[0] is not None, "the layer-wise engine did not run"
     assert_same(new, old)
+    assert not new[0].requires_grad and not any(g.requires_grad for g in new[2] if g is not None)
     if setup[0] == "resnet18":  # both options on this model and size
         assert {conv.kernel for conv in spy[0].convs} == {True, False}
 
