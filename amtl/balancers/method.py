@@ -213,8 +213,9 @@ class Method:
         reach the losses only through the representation ``z`` (the model contract). Then each task
         costs one backward through its own head, giving ``dL_t/dz`` and the head's gradient at once;
         the encoder is traversed once more per task for ``source='shared'`` (``z``'s vector-Jacobian
-        product with ``dL_t/dz``), and once in total for ``last``/``representation``
-        (with ``sum_t alpha_t dL_t/dz``). No head is traversed twice.
+        product with ``dL_t/dz``; input gradients only, where the layer-wise engine of
+        :mod:`amtl.balancers._layerwise` handles the encoder), and once in total for
+        ``last``/``representation`` (with ``sum_t alpha_t dL_t/dz``). No head is traversed twice.
         """
         terms = self.weighting.terms(step)
         tasks = list(terms)
