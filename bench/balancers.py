@@ -8,6 +8,7 @@ EW's median from the same rounds, so load from other processes shifts all method
     python bench/balancers.py --memory        # + peak memory (CUDA: allocator peak; CPU: RSS of a fresh process)
     python bench/balancers.py --write-docs    # + replace the "Balancer step time" section of docs/benchmarks.md
     python bench/balancers.py --torchjd       # only compare our aggregators with torchjd's (docs/balancers.md)
+    python bench/balancers.py --engines       # + every "(shared)" row again with the plain per-task VJPs
 """
 from __future__ import annotations
 
@@ -49,8 +50,12 @@ def setup(args: argparse.Namespace):
     return model, {t.name: t for t in tasks}, images, targets, device
 
 
-def variants() -> list[tuple[str, str, dict]]:
-    """(label, method name, keyword arguments) for every weighting and every aggregator x source."""
+def variants(engines: bool = False) -> list[tuple[str, str, dict]]:
+    """(label, method name, keyword arguments) for every weighting and every aggregator x source.
+
+    ``engines``: each ``source='shared'`` aggregator also as ``"<name> (shared-vjp)"``, which forces
+    the plain per-task VJPs instead of the layer-wise Gramian (``Method.layerwise = False``).
+    """
     out = []
     for w in sorted(_WEIGHTINGS):
         kw: dict = {}
@@ -62,11 +67,17 @@ def variants() -> list[tuple[str, str, dict]]:
     for a in sorted(_AGGREGATORS):
         for src in SOURCES:
             out.append((f"{a} ({src})", a, {"source": src}))
+            if engines and src == "shared":
+                out.append((f"{a} (shared-vjp)", a, {"source": src, "layerwise": False}))
     return out
 
 
 def build(name: str, kwargs: dict):
-    return make(name, list(TASKS), **kwargs)
+    kwargs = dict(kwargs)
+    layerwise = kwargs.pop("layerwise", True)
+    method = make(name, list(TASKS), **kwargs)
+    method.layerwise = layerwise
+    return method
 
 
 def step_fn(model, tasks, images, targets, method, device):
@@ -97,7 +108,7 @@ def sync(device: torch.device) -> None:
 def time_all(args: argparse.Namespace) -> dict[str, float]:
     model, tasks, images, targets, device = setup(args)
     steps = {}
-    for label, name, kw in variants():
+    for label, name, kw in variants(args.engines):
         if args.methods and label not in args.methods and label != "ew":
             continue
         try:
@@ -132,7 +143,7 @@ def peak_memory(args: argparse.Namespace, label: str) -> float:
     """Peak memory of one method's steps in MiB (CUDA allocator peak, or max RSS of a fresh process)."""
     if args.device.startswith("cuda"):
         model, tasks, images, targets, device = setup(args)
-        name, kw = next((n, k) for l, n, k in variants() if l == label)
+        name, kw = next((n, k) for l, n, k in variants(True) if l == label)
         method = build(name, kw)
         _prime(method)
         step = step_fn(model, tasks, images, targets, method, device)
@@ -150,7 +161,7 @@ def peak_memory(args: argparse.Namespace, label: str) -> float:
 
 def memory_child(args: argparse.Namespace) -> None:
     model, tasks, images, targets, device = setup(args)
-    name, kw = next((n, k) for l, n, k in variants() if l == args._memory_child)
+    name, kw = next((n, k) for l, n, k in variants(True) if l == args._memory_child)
     method = build(name, kw)
     _prime(method)
     step = step_fn(model, tasks, images, targets, method, device)
@@ -292,6 +303,8 @@ def main() -> None:
     parser.add_argument("--methods", type=lambda v: [m.strip() for m in v.split(",")], default=None,
                         help="comma-separated labels to run (EW always runs), e.g. 'pcgrad (shared),uw'")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--engines", action="store_true",
+                        help="also run every '(shared)' row with the plain per-task VJPs, as '<name> (shared-vjp)'")
     parser.add_argument("--torchjd", action="store_true")
     parser.add_argument("--_memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

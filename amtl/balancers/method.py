@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from amtl.balancers._layerwise import LayerwiseGramian
 from amtl.balancers.base import Aggregator, HParam, HParamError, StepInputs, Weighting, gramian_of
 
 SOURCES = ("shared", "last", "representation")
@@ -150,6 +151,9 @@ class Method:
         self.source = source
         self.tasks = weighting.tasks
         self._last_alpha: dict[str, float] | None = None
+        #: ``source='shared'``: form the Gramian layer by layer (see ``_layerwise``) where the
+        #: encoder allows it; False forces the plain per-task VJPs (same result, for comparisons).
+        self.layerwise = True
 
     # -- events forwarded to the weighting ---------------------------------------------------
     def parameters(self) -> list[Tensor]:
@@ -209,8 +213,9 @@ class Method:
         reach the losses only through the representation ``z`` (the model contract). Then each task
         costs one backward through its own head, giving ``dL_t/dz`` and the head's gradient at once;
         the encoder is traversed once more per task for ``source='shared'`` (``z``'s vector-Jacobian
-        product with ``dL_t/dz``), and once in total for ``last``/``representation``
-        (with ``sum_t alpha_t dL_t/dz``). No head is traversed twice.
+        product with ``dL_t/dz``; input gradients only, where the layer-wise engine of
+        :mod:`amtl.balancers._layerwise` handles the encoder), and once in total for
+        ``last``/``representation`` (with ``sum_t alpha_t dL_t/dz``). No head is traversed twice.
         """
         terms = self.weighting.terms(step)
         tasks = list(terms)
@@ -235,6 +240,7 @@ class Method:
         # .grad between its per-task backward passes, so each "task gradient" was a running sum.)
         if chain:
             rep = _task_pass(terms, z, own)  # [T, *z.shape]; also accumulates own params' grads
+        layerwise = None
         if self.source == "representation":
             rows, grads = None, rep.flatten(1)
         else:
@@ -242,17 +248,25 @@ class Method:
             if not params:
                 field_name = "shared_params" if self.source == "shared" else "last_shared_params"
                 raise ValueError(f"source={self.source!r} needs StepInputs.{field_name}")
-            # The shared-source VJPs may free the encoder graph at the end: nothing traverses it later.
-            rows = (_vjp_rows(z, params, rep, release=self.source == "shared") if chain
-                    else _direct_rows(terms, params, own))
+            # The shared-source passes may free the encoder graph at the end: nothing traverses it later.
+            if (self.source == "shared" and chain and self.layerwise and step.ranks.size == 1
+                    and len(tasks) <= _PAIRWISE_MAX_TASKS):
+                # None where the encoder has a parametrised op it cannot handle: then the plain VJPs.
+                layerwise = LayerwiseGramian.build(z, params, rep, release=True)
+            if layerwise is None:
+                rows = (_vjp_rows(z, params, rep, release=self.source == "shared") if chain
+                        else _direct_rows(terms, params, own))
             grads = None
-            if step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS:
+            if layerwise is None and (step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS):
                 grads = _flatten_rows(rows, params)
                 rows = None
             if step.ranks.size > 1:
                 # Parameters are shared by all ranks: the global task gradients are the rank mean.
                 step.ranks.mean_(grads)
-        gramian = gramian_of(grads) if rows is None else _pairwise_gramian(rows)
+        if layerwise is not None:
+            gramian = layerwise.gramian
+        else:
+            gramian = gramian_of(grads) if rows is None else _pairwise_gramian(rows)
         if self.source == "representation" and step.ranks.size > 1:
             # Each rank holds its own samples' block of the global dL_t/dz (times N), so the global
             # Gramian is the sum of the blocks' Gramians over N^2: one [T, T] collective.
@@ -269,7 +283,9 @@ class Method:
         report = _report_alpha(self, tasks, alpha, gramian)
 
         if self.source == "shared":
-            if rows is None:
+            if layerwise is not None:
+                _accumulate(step.shared_params, layerwise.update(list(self._last_alpha.values())))
+            elif rows is None:
                 _assign_flat(step.shared_params, alpha.to(grads.dtype) @ grads)
             else:
                 _assign_combination(step.shared_params, rows, list(self._last_alpha.values()))

@@ -1,0 +1,238 @@
+"""Exact ``source='shared'`` Gramian without T full encoder backward passes ("layer-wise Gramian").
+
+The plain engine runs one vector-Jacobian product of ``z`` per task w.r.t. every shared parameter:
+each computes the input gradients *and* all weight gradients of the encoder. But the per-task conv
+weight gradients are needed only for the Gramian, and the update ``sum_t alpha_t g_t`` is linear in
+the layers' output gradients. So here:
+
+1. the autograd graph of ``z`` is walked to find which node owns each shared parameter: 2-D
+   convolutions (groups 1) and normalisation layers are supported; any other owner, a parameter
+   owned twice, reached through a cast (autocast) or carrying a tensor hook means falling back to
+   the plain engine;
+2. per task, one pass asks autograd for the gradient ``delta_t`` w.r.t. each conv's *output*
+   (``GradientEdge(node, 0)``) instead of its weight, so the engine skips the conv weight gradients.
+   The same pass returns the norm scales/shifts and conv biases directly: their backward already
+   forms the sums these gradients are (``sum delta * x_hat``, ``sum delta``) to get the input
+   gradient, so asking for them costs little (1-2.5 ms a pass on the ResNet-18 benchmark model);
+3. per conv, from ``delta_1..delta_T`` and the input the forward saved, one of two exact forms:
+   A: the T weight gradients (one ``convolution_backward`` each, weight gradient only), kept for
+      the Gramian's dot products and the update;
+   B: at low resolution (few positions N, many weights) the patch-kernel identity
+      ``<g_s, g_t> = <D_s, U U^T D_t>`` (``U``: unfolded input ``[N, in*kh*kw]``, ``D_t``:
+      ``delta_t`` as ``[N, out]``), then after ``alpha`` one weight gradient ``U^T sum_t alpha_t D_t``.
+   A multiply-add count, with a margin measured on CPU, picks one per layer (:func:`_prefers_kernel`);
+4. :meth:`LayerwiseGramian.update` returns every parameter's ``sum_t alpha_t g_t``.
+
+Nothing is approximated: the same sums as autograd's, in another order (float64: ~1e-15 relative).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, Node
+
+_CONV = "ConvolutionBackward0"
+# Nodes whose parameters autograd returns directly in the input-gradient passes (cheap: see step 2).
+_NORMS = ("NativeBatchNormBackward0", "NativeGroupNormBackward0", "NativeLayerNormBackward0",
+          "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
+# Option B holds an N x N kernel; the FLOP count rejects it long before this many positions, and
+# this bounds its memory (4096^2 floats = 64 MiB) whatever the shapes.
+_KERNEL_MAX_POSITIONS = 4096
+
+
+@dataclass
+class _Conv:
+    """A 2-D convolution whose weight (``params[weight]``) gets the layer-wise treatment."""
+
+    node: Node
+    weight: int
+    input: Tensor          # as saved by the forward
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    kernel: bool = False   # option B
+    unfolded: Tensor | None = None  # option B: U [N, p]
+    deltas: Tensor | None = None    # option B: D [T, N, out]
+
+
+def _leaf_edges(node: Node) -> list[tuple[int, Tensor]]:
+    """(slot, leaf) for each ``next_functions`` entry that accumulates into a leaf tensor."""
+    return [(slot, fn.variable) for slot, (fn, _) in enumerate(node.next_functions)
+            if fn is not None and hasattr(fn, "variable")]
+
+
+def find_layers(z: Tensor, params: Sequence[Tensor]) -> tuple[list[_Conv], list[int]] | None:
+    """Conv layers (weights done layer-wise) and indices of directly returned parameters, or ``None``
+    where this engine must not be used (then the plain VJPs run).
+
+    The graph and its saved tensors are new every step, so nothing is cached; the walk visits each
+    node once (~170 nodes, under 1 ms on the ResNet-18 model).
+    """
+    if z.grad_fn is None or any(getattr(p, "_backward_hooks", None) for p in params):
+        return None  # tensor hooks on a conv weight would not see its (never formed) per-task gradient
+    index = {id(p): i for i, p in enumerate(params)}
+    owned: set[int] = set()
+    convs: list[_Conv] = []
+    direct: list[int] = []
+    seen: set[Node] = set()
+    stack = [z.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        for slot, leaf in _leaf_edges(node):
+            i = index.get(id(leaf))
+            if i is None or i in owned:
+                return None  # not a shared parameter, or one used twice
+            owned.add(i)
+            if name == _CONV and slot == 1:
+                conv = _conv_layer(node, i)
+                if conv is None:
+                    return None
+                convs.append(conv)
+            elif (name == _CONV and slot == 2) or (name in _NORMS and slot in (1, 2)):
+                direct.append(i)  # a conv bias, a norm scale or shift
+            else:
+                return None  # an unsupported owner (embedding, matmul, a cast under autocast, ...)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None and not hasattr(fn, "variable"))
+    return convs, direct
+
+
+def _conv_layer(node: Node, weight: int) -> _Conv | None:
+    x = node._saved_input
+    if node._saved_transposed or node._saved_groups != 1 or x is None or x.dim() != 4:
+        return None
+    # Detached: the saved input is an activation with a history, and the products below must not
+    # record a graph for double backward.
+    return _Conv(node, weight, x.detach(), tuple(node._saved_stride), tuple(node._saved_padding),
+                 tuple(node._saved_dilation))
+
+
+def _prefers_kernel(n: int, p: int, out: int, tasks: int) -> bool:
+    """Option B if it needs at most 2/3 of option A's multiply-adds (n positions, p = in*kh*kw).
+
+    A: T weight gradients (T N p out) and their dot products (T^2 p out / 2).
+    B: the kernel U U^T (N^2 p), K D_t for every task (T N^2 out), the final weight gradient (N p out).
+    The margin: measured on CPU (1 thread, bench/balancers.py's model), B's plain matrix products
+    ran ~1.5x fewer multiply-adds per second than the conv weight-gradient kernels of A, so on the
+    ResNet-18 layer3 convs (B/A = 0.77 in multiply-adds) A was still faster, 8 against 9-10 ms.
+    """
+    if n > _KERNEL_MAX_POSITIONS:
+        return False
+    cost_a = tasks * n * p * out + tasks * tasks * p * out // 2
+    cost_b = n * n * p + tasks * n * n * out + n * p * out
+    return 3 * cost_b <= 2 * cost_a
+
+
+class LayerwiseGramian:
+    """The float64 Gramian of the tasks' shared-parameter gradients, then their combination.
+
+    Build with :meth:`build` (``None``: use the plain engine).
+    """
+
+    def __init__(self, params: Sequence[Tensor], convs: list[_Conv], direct: list[int],
+                 rows: list[list[Tensor | None]], force: str | None = None) -> None:
+        self.params = list(params)
+        self.convs = convs
+        tasks = len(rows)
+        # Explicit per-task gradients (direct parameters and option-A conv weights): index -> [T].
+        self.explicit: dict[int, list[Tensor]] = {}
+        for k, i in enumerate(direct):
+            self._set_explicit(i, [row[len(convs) + k] for row in rows])
+        kernel_gramian = torch.zeros(tasks, tasks, dtype=torch.float64, device=self.params[0].device)
+        for k, conv in enumerate(convs):
+            deltas = [row[k] for row in rows]
+            if all(d is None for d in deltas):
+                continue  # no task reaches this layer: its gradients are zero
+            ref = next(d for d in deltas if d is not None)
+            deltas = [torch.zeros_like(ref) if d is None else d for d in deltas]
+            shape = self.params[conv.weight].shape
+            n, p = ref.shape[0] * ref.shape[2] * ref.shape[3], shape[1] * shape[2] * shape[3]
+            conv.kernel = _prefers_kernel(n, p, shape[0], tasks) if force is None else force == "B"
+            if conv.kernel:
+                kernel_gramian += self._kernel_gramian(conv, deltas)
+            else:
+                self._set_explicit(conv.weight, [self._weight_grad(conv, d) for d in deltas])
+        self.gramian = _pairwise_gramian(list(self.explicit.values()), tasks, kernel_gramian)
+
+    @classmethod
+    def build(cls, z: Tensor, params: Sequence[Tensor], rep: Tensor, release: bool,
+              force: str | None = None) -> "LayerwiseGramian | None":
+        """Run the T input-gradient passes of ``z`` (``rep[t]``: ``dterm_t/dz``) and form the Gramian.
+
+        ``release`` frees the graph after the last pass (the convs keep the inputs they need).
+        ``force`` ("A" or "B") overrides every conv's choice, for tests and measurements.
+        """
+        found = find_layers(z, params)
+        if found is None or not found[0]:
+            return None
+        convs, direct = found
+        inputs = [GradientEdge(conv.node, 0) for conv in convs] + [params[i] for i in direct]
+        rows = []
+        for t in range(rep.shape[0]):
+            last = release and t == rep.shape[0] - 1
+            rows.append(list(torch.autograd.grad(z, inputs, grad_outputs=rep[t], retain_graph=not last,
+                                                 allow_unused=True)))
+        return cls(params, convs, direct, rows, force)
+
+    def _set_explicit(self, i: int, grads: list[Tensor | None]) -> None:
+        if any(g is not None for g in grads):
+            self.explicit[i] = [torch.zeros_like(self.params[i]) if g is None else g for g in grads]
+
+    def _weight_grad(self, conv: _Conv, delta: Tensor) -> Tensor:
+        """The conv's weight gradient for output gradient ``delta`` (weight gradient only)."""
+        weight = self.params[conv.weight].detach()  # read for its shape; no graph to record
+        return torch.ops.aten.convolution_backward(
+            delta, conv.input, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1,
+            (False, True, False))[1]
+
+    def _kernel_gramian(self, conv: _Conv, deltas: list[Tensor]) -> Tensor:
+        """Option B: ``[<D_s, U U^T D_t>]_{s,t}``; keeps U and D for :meth:`update`."""
+        shape = self.params[conv.weight].shape
+        # K's entries are sums over whole patches: in float32 at least, so half precision cannot overflow.
+        dtype = torch.promote_types(conv.input.dtype, torch.float32)
+        u = F.unfold(conv.input.to(dtype), shape[2:], dilation=conv.dilation, padding=conv.padding,
+                     stride=conv.stride)
+        u = u.transpose(1, 2).reshape(-1, u.shape[1])                     # [N, p], rows (b, y, x)
+        d = torch.stack(deltas).to(dtype).permute(0, 1, 3, 4, 2).reshape(len(deltas), -1, shape[0])  # [T, N, out]
+        kd = torch.matmul(u @ u.T, d)
+        conv.unfolded, conv.deltas = u, d
+        return (d.reshape(len(deltas), -1) @ kd.reshape(len(deltas), -1).T).to(torch.float64)
+
+    def update(self, alpha: Sequence[float]) -> list[Tensor]:
+        """``sum_t alpha_t g_t`` for every parameter (zeros for one that no task reaches)."""
+        grads: list[Tensor | None] = [None] * len(self.params)
+        idx = list(self.explicit)
+        if idx:
+            rows = [[self.explicit[i][t] for i in idx] for t in range(len(alpha))]
+            update = torch._foreach_mul(rows[0], alpha[0])
+            for row, a in zip(rows[1:], alpha[1:]):
+                torch._foreach_add_(update, row, alpha=a)
+            for i, g in zip(idx, update):
+                grads[i] = g
+        for conv in self.convs:
+            if conv.kernel:  # one weight gradient of the combined output gradient: U^T D
+                d = torch.tensordot(torch.tensor(alpha, dtype=conv.deltas.dtype, device=conv.deltas.device),
+                                    conv.deltas, dims=1)
+                weight = self.params[conv.weight]
+                grads[conv.weight] = (d.T @ conv.unfolded).view_as(weight).to(weight.dtype)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+
+
+def _pairwise_gramian(per_param: list[list[Tensor]], tasks: int, start: Tensor) -> Tensor:
+    """``start`` plus the float64 Gramian of explicit per-task gradients (dot products per parameter)."""
+    gram = start.clone()
+    for s in range(tasks):
+        for t in range(s, tasks):
+            if per_param:
+                v = torch.stack([torch.dot(g[s].reshape(-1), g[t].reshape(-1)) for g in per_param]).sum()
+                gram[s, t] += v.to(torch.float64)
+                if s != t:
+                    gram[t, s] += v.to(torch.float64)
+    return gram
