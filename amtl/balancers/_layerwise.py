@@ -206,12 +206,17 @@ class LayerwiseGramian:
         return (d.reshape(len(deltas), -1) @ kd.reshape(len(deltas), -1).T).to(torch.float64)
 
     def update(self, alpha: Sequence[float]) -> list[Tensor]:
-        """``sum_t alpha_t g_t`` for every parameter (zeros for one that no task reaches)."""
+        """``sum_t alpha_t g_t`` for every parameter (zeros for one that no task reaches).
+
+        Call once: it reuses the per-task gradient buffers (the Gramian is formed already).
+        """
         grads: list[Tensor | None] = [None] * len(self.params)
         idx = list(self.explicit)
         if idx:
             rows = [[self.explicit[i][t] for i in idx] for t in range(len(alpha))]
-            update = torch._foreach_mul(rows[0], alpha[0])
+            # In place on the first task's gradients: they are this engine's own tensors, used once.
+            update = rows[0]
+            torch._foreach_mul_(update, alpha[0])
             for row, a in zip(rows[1:], alpha[1:]):
                 torch._foreach_add_(update, row, alpha=a)
             for i, g in zip(idx, update):
