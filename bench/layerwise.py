@@ -17,6 +17,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from amtl.balancers import _layerwise as lw
+from amtl.balancers.base import combine_rows, pairwise_gramian
 from amtl.models import build_model
 from amtl.tasks import make_task
 
@@ -63,10 +64,9 @@ def main() -> None:
 
         def option_a():
             grads = [engine._weight_grad(conv, d) for d in deltas]
-            lw._pairwise_gramian([grads], len(deltas), torch.zeros(len(deltas), len(deltas), dtype=torch.float64))
-            update = torch._foreach_mul(grads[:1], alpha[0])
-            for g, a in zip(grads[1:], alpha[1:]):
-                torch._foreach_add_(update, [g], alpha=a)
+            rows = [[g] for g in grads]
+            pairwise_gramian(rows)
+            combine_rows(rows, alpha)
 
         def option_b():
             engine._kernel_gramian(conv, deltas)

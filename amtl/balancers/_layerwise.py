@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
+from amtl.balancers.base import combine_rows, pairwise_gramian
+
 _CONV = "ConvolutionBackward0"
 # Nodes whose parameters autograd returns directly in the input-gradient passes (cheap: see step 2).
 _NORMS = ("NativeBatchNormBackward0", "NativeGroupNormBackward0", "NativeLayerNormBackward0",
@@ -142,10 +144,15 @@ class LayerwiseGramian:
         self.convs = convs
         tasks = len(rows)
         # Explicit per-task gradients (direct parameters and option-A conv weights): index -> [T].
-        self.explicit: dict[int, list[Tensor]] = {}
+        explicit: dict[int, list[Tensor]] = {}
+
+        def keep(i: int, grads: list[Tensor | None]) -> None:
+            if any(g is not None for g in grads):
+                explicit[i] = [torch.zeros_like(self.params[i]) if g is None else g for g in grads]
+
         for k, i in enumerate(direct):
-            self._set_explicit(i, [row[len(convs) + k] for row in rows])
-        kernel_gramian = torch.zeros(tasks, tasks, dtype=torch.float64, device=self.params[0].device)
+            keep(i, [row[len(convs) + k] for row in rows])
+        self.gramian = torch.zeros(tasks, tasks, dtype=torch.float64, device=self.params[0].device)
         for k, conv in enumerate(convs):
             deltas = [row[k] for row in rows]
             if all(d is None for d in deltas):
@@ -156,10 +163,14 @@ class LayerwiseGramian:
             n, p = ref.shape[0] * ref.shape[2] * ref.shape[3], shape[1] * shape[2] * shape[3]
             conv.kernel = _prefers_kernel(n, p, shape[0], tasks) if force is None else force == "B"
             if conv.kernel:
-                kernel_gramian += self._kernel_gramian(conv, deltas)
+                self.gramian += self._kernel_gramian(conv, deltas)
             else:
-                self._set_explicit(conv.weight, [self._weight_grad(conv, d) for d in deltas])
-        self.gramian = _pairwise_gramian(list(self.explicit.values()), tasks, kernel_gramian)
+                keep(conv.weight, [self._weight_grad(conv, d) for d in deltas])
+        #: Parameters with explicit per-task gradients, and those gradients as rows[t][k].
+        self.explicit_params = list(explicit)
+        self.explicit_rows = [[explicit[i][t] for i in self.explicit_params] for t in range(tasks)]
+        if self.explicit_params:
+            self.gramian += pairwise_gramian(self.explicit_rows)
 
     @classmethod
     def build(cls, z: Tensor, params: Sequence[Tensor], rep: Tensor, release: bool,
@@ -180,10 +191,6 @@ class LayerwiseGramian:
             rows.append(list(torch.autograd.grad(z, inputs, grad_outputs=rep[t], retain_graph=not last,
                                                  allow_unused=True)))
         return cls(params, convs, direct, rows, force)
-
-    def _set_explicit(self, i: int, grads: list[Tensor | None]) -> None:
-        if any(g is not None for g in grads):
-            self.explicit[i] = [torch.zeros_like(self.params[i]) if g is None else g for g in grads]
 
     def _weight_grad(self, conv: _Conv, delta: Tensor) -> Tensor:
         """The conv's weight gradient for output gradient ``delta`` (weight gradient only)."""
@@ -211,15 +218,8 @@ class LayerwiseGramian:
         Call once: it reuses the per-task gradient buffers (the Gramian is formed already).
         """
         grads: list[Tensor | None] = [None] * len(self.params)
-        idx = list(self.explicit)
-        if idx:
-            rows = [[self.explicit[i][t] for i in idx] for t in range(len(alpha))]
-            # In place on the first task's gradients: they are this engine's own tensors, used once.
-            update = rows[0]
-            torch._foreach_mul_(update, alpha[0])
-            for row, a in zip(rows[1:], alpha[1:]):
-                torch._foreach_add_(update, row, alpha=a)
-            for i, g in zip(idx, update):
+        if self.explicit_params:
+            for i, g in zip(self.explicit_params, combine_rows(self.explicit_rows, alpha)):
                 grads[i] = g
         for conv in self.convs:
             if conv.kernel:  # one weight gradient of the combined output gradient: U^T D
@@ -229,15 +229,3 @@ class LayerwiseGramian:
                 grads[conv.weight] = (d.T @ conv.unfolded).view_as(weight).to(weight.dtype)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
 
-
-def _pairwise_gramian(per_param: list[list[Tensor]], tasks: int, start: Tensor) -> Tensor:
-    """``start`` plus the float64 Gramian of explicit per-task gradients (dot products per parameter)."""
-    gram = start.clone()
-    for s in range(tasks):
-        for t in range(s, tasks):
-            if per_param:
-                v = torch.stack([torch.dot(g[s].reshape(-1), g[t].reshape(-1)) for g in per_param]).sum()
-                gram[s, t] += v.to(torch.float64)
-                if s != t:
-                    gram[t, s] += v.to(torch.float64)
-    return gram

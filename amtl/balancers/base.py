@@ -189,3 +189,32 @@ class Aggregator(_Configurable):
 def gramian_of(grads: Tensor) -> Tensor:
     """``G G^T`` in float64 for the small T x T solves (the matmul itself stays in G's dtype)."""
     return (grads @ grads.T).double()
+
+
+Rows = list[list[Tensor]]  # rows[t][i]: task t's gradient w.r.t. parameter i
+
+
+def pairwise_gramian(rows: Rows) -> Tensor:
+    """``G G^T`` in float64 from per-parameter dot products (no ``[T, D]`` copy)."""
+    t = len(rows)
+    ref = rows[0][0]
+    entries = {}
+    for i in range(t):
+        for j in range(i, t):
+            entries[i, j] = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1))
+                                         for a, b in zip(rows[i], rows[j])]).sum()
+    flat = torch.stack([entries[min(i, j), max(i, j)] for i in range(t) for j in range(t)])
+    return flat.reshape(t, t).to(device=ref.device, dtype=torch.float64)
+
+
+def combine_rows(rows: Rows, alpha: Sequence[float]) -> list[Tensor]:
+    """``sum_t alpha_t rows[t]`` per parameter, with fused multi-tensor ops, *in place* in ``rows[0]``.
+
+    The rows are per-step scratch owned by the caller and read for the last time here, so reusing
+    the first task's buffers saves one gradient-sized allocation per parameter.
+    """
+    update = rows[0]
+    torch._foreach_mul_(update, alpha[0])
+    for row, a in zip(rows[1:], alpha[1:]):
+        torch._foreach_add_(update, row, alpha=a)
+    return update

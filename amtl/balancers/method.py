@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from amtl.balancers._layerwise import LayerwiseGramian
-from amtl.balancers.base import Aggregator, HParam, HParamError, StepInputs, Weighting, gramian_of
+from amtl.balancers.base import (Aggregator, HParam, HParamError, Rows, StepInputs, Weighting, combine_rows,
+                                 gramian_of, pairwise_gramian)
 
 SOURCES = ("shared", "last", "representation")
 #: Keyword arguments of :func:`make` that describe the run rather than the method.
@@ -266,7 +267,7 @@ class Method:
         if layerwise is not None:
             gramian = layerwise.gramian
         else:
-            gramian = gramian_of(grads) if rows is None else _pairwise_gramian(rows)
+            gramian = gramian_of(grads) if rows is None else pairwise_gramian(rows)
         if self.source == "representation" and step.ranks.size > 1:
             # Each rank holds its own samples' block of the global dL_t/dz (times N), so the global
             # Gramian is the sum of the blocks' Gramians over N^2: one [T, T] collective.
@@ -288,7 +289,7 @@ class Method:
             elif rows is None:
                 _assign_flat(step.shared_params, alpha.to(grads.dtype) @ grads)
             else:
-                _assign_combination(step.shared_params, rows, list(self._last_alpha.values()))
+                _accumulate(step.shared_params, combine_rows(rows, list(self._last_alpha.values())))
         elif chain:
             update = torch.tensordot(alpha.to(rep.dtype), rep, dims=1)
             torch.autograd.backward(z, update, inputs=step.shared_params)
@@ -322,8 +323,6 @@ def _task_pass(terms: Mapping[str, Tensor], z: Tensor, own: list[Tensor]) -> Ten
     _accumulate(own, acc)
     return torch.stack(rows)
 
-
-Rows = list[list[Tensor]]  # rows[t][i]: task t's gradient w.r.t. parameter i
 
 # Up to this many tasks the Gramian is summed from per-parameter dot products (T(T+1)/2 per
 # parameter), which reads each gradient once and skips copying them into a [T, D] matrix; beyond
@@ -362,27 +361,6 @@ def _flatten_rows(rows: Rows, params: list[Tensor]) -> Tensor:
     for t, row in enumerate(rows):
         _flatten_into(grads[t], row, params)
     return grads
-
-
-def _pairwise_gramian(rows: Rows) -> Tensor:
-    """``G G^T`` in float64 from per-parameter dot products (no ``[T, D]`` copy)."""
-    t = len(rows)
-    ref = rows[0][0]
-    entries = {}
-    for i in range(t):
-        for j in range(i, t):
-            entries[i, j] = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1))
-                                         for a, b in zip(rows[i], rows[j])]).sum()
-    flat = torch.stack([entries[min(i, j), max(i, j)] for i in range(t) for j in range(t)])
-    return flat.reshape(t, t).to(device=ref.device, dtype=torch.float64)
-
-
-def _assign_combination(params: list[Tensor], rows: Rows, alpha: list[float]) -> None:
-    """Add ``sum_t alpha_t rows[t]`` to ``.grad`` with fused multi-tensor ops (alpha from the report)."""
-    update = torch._foreach_mul(rows[0], alpha[0])
-    for row, a in zip(rows[1:], alpha[1:]):
-        torch._foreach_add_(update, row, alpha=a)
-    _accumulate(params, update)
 
 
 def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], params: list[Tensor]) -> None:
