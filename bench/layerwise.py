@@ -68,19 +68,22 @@ def main() -> None:
             pairwise_gramian(rows)
             combine_rows(rows, alpha)
 
+        positions = deltas[0].shape[0] * deltas[0].shape[2] * deltas[0].shape[3]
+        kernel_cost, conv.channel_gram = lw._kernel_cost(conv.input.shape, shape, positions, conv.padding)
+
         def option_b():
             engine._kernel_gramian(conv, deltas)
             d = torch.tensordot(torch.tensor(alpha), conv.deltas, dims=1)
             return d.T @ conv.unfolded
 
-        positions = deltas[0].shape[0] * deltas[0].shape[2] * deltas[0].shape[3]
-        picks_b = lw._prefers_kernel(positions, shape[1] * shape[2] * shape[3], shape[0], len(deltas))
+        picks_b = lw._prefers_kernel(positions, shape[1] * shape[2] * shape[3], shape[0], len(deltas), kernel_cost)
         a = median_ms(option_a, args.repeats)
         b = median_ms(option_b, args.repeats) if positions <= lw._KERNEL_MAX_POSITIONS else float("nan")
         total["A"] += a
         total["B"] += b if b == b else a
         total["picked"] += b if picks_b else a
-        print(f"| {tuple(shape)} | {tuple(deltas[0].shape[-2:])} | {a:.1f} | {b:.1f} | {'B' if picks_b else 'A'} |")
+        form = " (channel Gramian)" if conv.channel_gram else ""
+        print(f"| {tuple(shape)} | {tuple(deltas[0].shape[-2:])} | {a:.1f} | {b:.1f}{form} | {'B' if picks_b else 'A'} |")
     print(f"\nsums (ms): A everywhere {total['A']:.1f}, B wherever allowed (else A) {total['B']:.1f}, "
           f"as picked {total['picked']:.1f}")
 

@@ -20,6 +20,8 @@ the layers' output gradients. So here:
    B: at low resolution (few positions N, many weights) the patch-kernel identity
       ``<g_s, g_t> = <D_s, U U^T D_t>`` (``U``: unfolded input ``[N, in*kh*kw]``, ``D_t``:
       ``delta_t`` as ``[N, out]``), then after ``alpha`` one weight gradient ``U^T sum_t alpha_t D_t``.
+      ``U U^T`` is either that product or, where cheaper, a sum of kh*kw shifted slices of the
+      input's channel Gramian (:func:`_patch_kernel`);
    A multiply-add count, with a margin measured on CPU, picks one per layer (:func:`_prefers_kernel`);
 4. :meth:`LayerwiseGramian.update` returns every parameter's ``sum_t alpha_t g_t``.
 
@@ -57,6 +59,7 @@ class _Conv:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     kernel: bool = False   # option B
+    channel_gram: bool = False  # option B's U U^T from the channel Gramian (:func:`_patch_kernel`)
     unfolded: Tensor | None = None  # option B: U [N, p]
     deltas: Tensor | None = None    # option B: D [T, N, out]
 
@@ -116,20 +119,65 @@ def _conv_layer(node: Node, weight: int) -> _Conv | None:
                  tuple(node._saved_dilation))
 
 
-def _prefers_kernel(n: int, p: int, out: int, tasks: int) -> bool:
+def _kernel_cost(shape: Sequence[int], weight: Sequence[int], positions: int,
+                 padding: Sequence[int] = (0, 0)) -> tuple[int, bool]:
+    """Multiply-adds of ``U U^T`` and whether the channel-Gramian form is the cheaper one.
+
+    ``shape``: the conv input ``[n, in, h, w]``; ``weight``: ``[out, in, kh, kw]``; ``positions``:
+    N = n * output height * width. Unfolded: N^2 in kh kw. Channel Gramian: (n h w)^2 in for the
+    Gramian (h, w unpadded: padding adds only zero entries) plus kh kw N^2 additions. At stride 1 that
+    is about kh*kw times fewer (ResNet-18 layer3 at 64x64: 17M against 151M); at stride 2 the input
+    has ~4x the output's positions and unfolding wins. The padded Gramian is held at once, so it is
+    bounded like the kernel: at most ``_KERNEL_MAX_POSITIONS`` padded input positions.
+    """
+    n, c, h, w = shape
+    taps = weight[2] * weight[3]
+    unfolded = positions * positions * c * taps
+    channel = (n * h * w) ** 2 * c + taps * positions * positions
+    fits = n * (h + 2 * padding[0]) * (w + 2 * padding[1]) <= _KERNEL_MAX_POSITIONS
+    return (channel, True) if fits and channel < unfolded else (unfolded, False)
+
+
+def _prefers_kernel(n: int, p: int, out: int, tasks: int, kernel_cost: int | None = None) -> bool:
     """Option B if it needs at most 2/3 of option A's multiply-adds (n positions, p = in*kh*kw).
 
     A: T weight gradients (T N p out) and their dot products (T^2 p out / 2).
-    B: the kernel U U^T (N^2 p), K D_t for every task (T N^2 out), the final weight gradient (N p out).
+    B: the kernel U U^T (``kernel_cost``, by default unfolded: N^2 p), K D_t for every task
+    (T N^2 out), the final weight gradient (N p out).
     The margin: measured on CPU (1 thread, bench/balancers.py's model), B's plain matrix products
     ran ~1.5x fewer multiply-adds per second than the conv weight-gradient kernels of A, so on the
-    ResNet-18 layer3 convs (B/A = 0.77 in multiply-adds) A was still faster, 8 against 9-10 ms.
+    ResNet-18 layer3 convs with an unfolded kernel (B/A = 0.77 in multiply-adds) A was still faster,
+    8 against 9-10 ms. With the channel-Gramian kernel their B/A is 0.48.
     """
     if n > _KERNEL_MAX_POSITIONS:
         return False
     cost_a = tasks * n * p * out + tasks * tasks * p * out // 2
-    cost_b = n * n * p + tasks * n * n * out + n * p * out
+    cost_b = (n * n * p if kernel_cost is None else kernel_cost) + tasks * n * n * out + n * p * out
     return 3 * cost_b <= 2 * cost_a
+
+
+def _patch_kernel(conv: _Conv, x: Tensor, weight_shape: Sequence[int], out_hw: Sequence[int]) -> Tensor:
+    """``U U^T`` ``[N, N]`` (rows (y, x, b)) without unfolding: entry ((y, x, b), (y', x', b')) is
+    ``sum_(i, j) <x[b, :, y s + i d, x s + j d], x[b', :, y' s + i d, x' s + j d]>`` over the kernel
+    taps of the zero-padded input (s stride, d dilation), i.e. a sum of kh*kw strided slices of the
+    channel Gramian of ``x``. Laid out ``[h, w, h, w, n, n]`` so each slice has contiguous n x n
+    blocks: with batch-major rows the 6-D slices summed at half the speed (layer3: 1.5 against 0.75 ms).
+    """
+    n, c, h, w = x.shape
+    (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
+    ho, wo = out_hw
+    rows = x.permute(2, 3, 0, 1).reshape(h * w * n, c)
+    gram = (rows @ rows.T).view(h, w, n, h, w, n).permute(0, 1, 3, 4, 2, 5)
+    padded = gram.new_zeros(h + 2 * ph, w + 2 * pw, h + 2 * ph, w + 2 * pw, n, n)
+    padded[ph:ph + h, pw:pw + w, ph:ph + h, pw:pw + w] = gram
+    kernel = None
+    for i in range(weight_shape[2]):
+        ys = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+        for j in range(weight_shape[3]):
+            xs = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            tap = padded[ys, xs, ys, xs]
+            kernel = tap.clone() if kernel is None else kernel.add_(tap)
+    return kernel.permute(0, 1, 4, 2, 3, 5).reshape(ho * wo * n, ho * wo * n)
 
 
 class LayerwiseGramian:
@@ -161,7 +209,9 @@ class LayerwiseGramian:
             deltas = [torch.zeros_like(ref) if d is None else d for d in deltas]
             shape = self.params[conv.weight].shape
             n, p = ref.shape[0] * ref.shape[2] * ref.shape[3], shape[1] * shape[2] * shape[3]
-            conv.kernel = _prefers_kernel(n, p, shape[0], tasks) if force is None else force == "B"
+            kernel_cost, conv.channel_gram = _kernel_cost(conv.input.shape, shape, n, conv.padding)
+            conv.kernel = (_prefers_kernel(n, p, shape[0], tasks, kernel_cost) if force is None
+                           else force == "B")
             if conv.kernel:
                 self.gramian += self._kernel_gramian(conv, deltas)
             else:
@@ -204,11 +254,12 @@ class LayerwiseGramian:
         shape = self.params[conv.weight].shape
         # K's entries are sums over whole patches: in float32 at least, so half precision cannot overflow.
         dtype = torch.promote_types(conv.input.dtype, torch.float32)
-        u = F.unfold(conv.input.to(dtype), shape[2:], dilation=conv.dilation, padding=conv.padding,
-                     stride=conv.stride)
-        u = u.transpose(1, 2).reshape(-1, u.shape[1])                     # [N, p], rows (b, y, x)
-        d = torch.stack(deltas).to(dtype).permute(0, 1, 3, 4, 2).reshape(len(deltas), -1, shape[0])  # [T, N, out]
-        kd = torch.matmul(u @ u.T, d)
+        x = conv.input.to(dtype)
+        u = F.unfold(x, shape[2:], dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+        u = u.permute(2, 0, 1).reshape(-1, u.shape[1])                    # [N, p], rows (y, x, b)
+        d = torch.stack(deltas).to(dtype).permute(0, 3, 4, 1, 2).reshape(len(deltas), -1, shape[0])  # [T, N, out]
+        kernel = _patch_kernel(conv, x, shape, deltas[0].shape[2:]) if conv.channel_gram else u @ u.T
+        kd = torch.matmul(kernel, d)
         conv.unfolded, conv.deltas = u, d
         return (d.reshape(len(deltas), -1) @ kd.reshape(len(deltas), -1).T).to(torch.float64)
 

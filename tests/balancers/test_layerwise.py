@@ -134,6 +134,8 @@ def test_either_option_is_exact(setup, force):
     g = torch.stack(rows)
     lw = LayerwiseGramian.build(z, params, rep, release=True, force=force)
     assert lw is not None and all(conv.kernel == (force == "B") for conv in lw.convs)
+    if force == "B" and name == "resnet18":  # both forms of U U^T: channel Gramian and unfolded
+        assert {conv.channel_gram for conv in lw.convs} == {True, False}
     torch.testing.assert_close(lw.gramian, g @ g.T, rtol=RTOL, atol=RTOL * float((g @ g.T).abs().max()))
     alpha = [0.7, -0.2, 1.3]
     update = torch.cat([u.reshape(-1) for u in lw.update(alpha)])
@@ -236,7 +238,37 @@ def test_autocast_falls_back():
 
 
 def test_kernel_choice_counts_multiply_adds():
-    # ResNet-18 at 64x64, batch 16, T=3: layer4's 3x3 convs (2x2 outputs) take B, layer3's (4x4) A.
+    # ResNet-18 at 64x64, batch 16, T=3: layer4's 3x3 convs (2x2 outputs) take B; layer3's stride-1
+    # 3x3 convs (4x4) take B only with the channel-Gramian kernel (B/A 0.48; unfolded 0.77); its
+    # stride-2 conv (8x8 input) and the stem take A.
     assert _layerwise._prefers_kernel(16 * 2 * 2, 512 * 9, 512, 3)
-    assert not _layerwise._prefers_kernel(16 * 4 * 4, 256 * 9, 256, 3)
+    cost, channel = _layerwise._kernel_cost((16, 256, 4, 4), (256, 256, 3, 3), 16 * 4 * 4, (1, 1))
+    assert channel and _layerwise._prefers_kernel(16 * 4 * 4, 256 * 9, 256, 3, cost)
+    assert not _layerwise._prefers_kernel(16 * 4 * 4, 256 * 9, 256, 3)  # unfolded
+    cost, channel = _layerwise._kernel_cost((16, 128, 8, 8), (256, 128, 3, 3), 16 * 4 * 4, (1, 1))
+    assert not channel and not _layerwise._prefers_kernel(16 * 4 * 4, 128 * 9, 256, 3, cost)
     assert not _layerwise._prefers_kernel(16 * 32 * 32, 3 * 49, 64, 3)
+    # The padded channel Gramian is bounded like the kernel: a big input cannot take that form.
+    assert not _layerwise._kernel_cost((64, 8, 16, 16), (8, 8, 7, 7), 64 * 16 * 16, (3, 3))[1]
+    assert _layerwise._kernel_cost((4, 8, 16, 16), (8, 8, 7, 7), 4 * 16 * 16, (3, 3))[1]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, size", [
+    ((3, 3), (1, 1), (1, 1), (1, 1), (4, 4)),
+    ((3, 3), (2, 2), (1, 1), (1, 1), (8, 8)),
+    ((1, 3), (1, 2), (0, 2), (1, 2), (5, 7)),
+    ((5, 5), (1, 1), (2, 2), (2, 1), (6, 5)),
+    ((2, 2), (2, 1), (0, 0), (1, 1), (5, 5)),
+    ((1, 1), (1, 1), (0, 0), (1, 1), (3, 3)),
+])
+def test_channel_gramian_kernel_equals_unfolded(kernel, stride, padding, dilation, size):
+    """``_patch_kernel`` (shifted slices of the channel Gramian) is ``U U^T`` of the unfolded input,
+    rows in the engine's (y, x, b) order, for strides, paddings, dilations and non-square kernels."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, *size, generator=gen, dtype=torch.float64)
+    u = nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    out_hw = [(size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in (0, 1)]
+    u = u.permute(2, 0, 1).reshape(-1, u.shape[1])
+    conv = _layerwise._Conv(None, 0, x, stride, padding, dilation)
+    kernel_matrix = _layerwise._patch_kernel(conv, x, (2, 4, *kernel), out_hw)
+    torch.testing.assert_close(kernel_matrix, u @ u.T, rtol=RTOL, atol=RTOL * float((u @ u.T).abs().max()))
