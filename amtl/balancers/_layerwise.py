@@ -120,7 +120,7 @@ def _conv_layer(node: Node, weight: int) -> _Conv | None:
 
 
 def _kernel_cost(shape: Sequence[int], weight: Sequence[int], positions: int,
-                 padding: Sequence[int] = (0, 0)) -> tuple[int, bool]:
+                 padding: Sequence[int]) -> tuple[int, bool]:
     """Multiply-adds of ``U U^T`` and whether the channel-Gramian form is the cheaper one.
 
     ``shape``: the conv input ``[n, in, h, w]``; ``weight``: ``[out, in, kh, kw]``; ``positions``:
@@ -138,11 +138,11 @@ def _kernel_cost(shape: Sequence[int], weight: Sequence[int], positions: int,
     return (channel, True) if fits and channel < unfolded else (unfolded, False)
 
 
-def _prefers_kernel(n: int, p: int, out: int, tasks: int, kernel_cost: int | None = None) -> bool:
+def _prefers_kernel(n: int, p: int, out: int, tasks: int, kernel_cost: int) -> bool:
     """Option B if it needs at most 2/3 of option A's multiply-adds (n positions, p = in*kh*kw).
 
     A: T weight gradients (T N p out) and their dot products (T^2 p out / 2).
-    B: the kernel U U^T (``kernel_cost``, by default unfolded: N^2 p), K D_t for every task
+    B: the kernel U U^T (``kernel_cost``, from :func:`_kernel_cost`), K D_t for every task
     (T N^2 out), the final weight gradient (N p out).
     The margin: measured on CPU (1 thread, bench/balancers.py's model), B's plain matrix products
     ran ~1.5x fewer multiply-adds per second than the conv weight-gradient kernels of A, so on the
@@ -152,7 +152,7 @@ def _prefers_kernel(n: int, p: int, out: int, tasks: int, kernel_cost: int | Non
     if n > _KERNEL_MAX_POSITIONS:
         return False
     cost_a = tasks * n * p * out + tasks * tasks * p * out // 2
-    cost_b = (n * n * p if kernel_cost is None else kernel_cost) + tasks * n * n * out + n * p * out
+    cost_b = kernel_cost + tasks * n * n * out + n * p * out
     return 3 * cost_b <= 2 * cost_a
 
 
@@ -257,7 +257,8 @@ class LayerwiseGramian:
         x = conv.input.to(dtype)
         u = F.unfold(x, shape[2:], dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
         u = u.permute(2, 0, 1).reshape(-1, u.shape[1])                    # [N, p], rows (y, x, b)
-        d = torch.stack(deltas).to(dtype).permute(0, 3, 4, 1, 2).reshape(len(deltas), -1, shape[0])  # [T, N, out]
+        # One copy into [T, h, w, n, out]: stacking the permuted views, not permuting the stack.
+        d = torch.stack([dt.permute(2, 3, 0, 1) for dt in deltas]).to(dtype).view(len(deltas), -1, shape[0])  # [T, N, out]
         kernel = _patch_kernel(conv, x, shape, deltas[0].shape[2:]) if conv.channel_gram else u @ u.T
         kd = torch.matmul(kernel, d)
         conv.unfolded, conv.deltas = u, d

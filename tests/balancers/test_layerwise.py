@@ -241,13 +241,16 @@ def test_kernel_choice_counts_multiply_adds():
     # ResNet-18 at 64x64, batch 16, T=3: layer4's 3x3 convs (2x2 outputs) take B; layer3's stride-1
     # 3x3 convs (4x4) take B only with the channel-Gramian kernel (B/A 0.48; unfolded 0.77); its
     # stride-2 conv (8x8 input) and the stem take A.
-    assert _layerwise._prefers_kernel(16 * 2 * 2, 512 * 9, 512, 3)
+    def unfolded(n: int, p: int) -> int:  # U U^T's multiply-adds when unfolded
+        return n * n * p
+
+    assert _layerwise._prefers_kernel(16 * 2 * 2, 512 * 9, 512, 3, unfolded(16 * 2 * 2, 512 * 9))
     cost, channel = _layerwise._kernel_cost((16, 256, 4, 4), (256, 256, 3, 3), 16 * 4 * 4, (1, 1))
     assert channel and _layerwise._prefers_kernel(16 * 4 * 4, 256 * 9, 256, 3, cost)
-    assert not _layerwise._prefers_kernel(16 * 4 * 4, 256 * 9, 256, 3)  # unfolded
+    assert not _layerwise._prefers_kernel(16 * 4 * 4, 256 * 9, 256, 3, unfolded(16 * 4 * 4, 256 * 9))
     cost, channel = _layerwise._kernel_cost((16, 128, 8, 8), (256, 128, 3, 3), 16 * 4 * 4, (1, 1))
     assert not channel and not _layerwise._prefers_kernel(16 * 4 * 4, 128 * 9, 256, 3, cost)
-    assert not _layerwise._prefers_kernel(16 * 32 * 32, 3 * 49, 64, 3)
+    assert not _layerwise._prefers_kernel(16 * 32 * 32, 3 * 49, 64, 3, unfolded(16 * 32 * 32, 3 * 49))
     # The padded channel Gramian is bounded like the kernel: a big input cannot take that form.
     assert not _layerwise._kernel_cost((64, 8, 16, 16), (8, 8, 7, 7), 64 * 16 * 16, (3, 3))[1]
     assert _layerwise._kernel_cost((4, 8, 16, 16), (8, 8, 7, 7), 4 * 16 * 16, (3, 3))[1]
