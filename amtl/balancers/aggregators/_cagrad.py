@@ -5,7 +5,8 @@ gradient ``g0``. Its dual is ``min_{w in simplex} g_w . g0 + c |g0| |g_w|`` and 
 (``rescale=2``) as in the official code (Cranial-XIX/CAGrad). The dual is solved on the Gramian to
 machine precision: for ``mu > 0`` the minimiser of ``g_w . g0 + mu |g_w|^2 / 2`` is the min-norm
 point of the hull of ``g_i + g0 / mu`` (an exact NNLS), and ``mu |g_w(mu)|`` increases with ``mu``,
-so a bisection finds the ``mu = c |g0| / |g_w|`` that makes it the dual's minimiser.
+so a bracketed root search (Illinois false position) finds the ``mu = c |g0| / |g_w|`` that
+makes it the dual's minimiser.
 """
 from __future__ import annotations
 
@@ -25,33 +26,59 @@ def cagrad_dual(k: np.ndarray, radius: float, iters: int = 200) -> np.ndarray:
     kb = k.mean(axis=1)
     g0_sq = float(kb.mean())
 
-    def solve(mu: float) -> tuple[np.ndarray, float]:
+    def solve(x: float) -> tuple[np.ndarray, float, float]:
+        """The min-norm weights at ``mu = e^x``, ``|g_w|`` and the residual ``mu |g_w| / radius - 1``."""
+        inv_mu = math.exp(-x)  # |x| <= 300: inv_mu ** 2 stays finite
         # Gramian of the shifted gradients g_i + g0 / mu.
-        shifted = k + (kb[:, None] + kb[None, :]) / mu + g0_sq / mu ** 2
+        shifted = k + (kb[:, None] + kb[None, :]) * inv_mu + g0_sq * inv_mu ** 2
         w = min_norm_weights(shifted)
-        return w, math.sqrt(max(float(w @ k @ w), 0.0))
+        norm = math.sqrt(max(float(w @ k @ w), 0.0))
+        return w, norm, norm / (inv_mu * radius) - 1.0
 
+    # Bracket the root in x = log(mu): the residual is nondecreasing in x.
     lo, hi = math.log(radius) - 1.0, math.log(radius) + 1.0
-    w, s = solve(math.exp(lo))
-    while math.exp(lo) * s >= radius and lo > -700:
+    _, _, r_lo = solve(lo)
+    while r_lo >= 0 and lo > -300:
         lo -= 4.0
-        w, s = solve(math.exp(lo))
-    w, s = solve(math.exp(hi))
-    while math.exp(hi) * s <= radius and hi < 700:
+        _, _, r_lo = solve(lo)
+    w_hi, norm, r_hi = solve(hi)
+    while r_hi <= 0 and hi < 300:
+        if norm == 0.0:
+            # g_w = 0 minimises at this mu, so at every larger mu too: 0 is in the hull (Pareto-
+            # stationary). Stopping here also fixes an OverflowError of the earlier loop, which went
+            # on to mu = e^700 when roundoff made the min-norm point's squared norm <= 0.
+            return w_hi
         hi += 4.0
-        w, s = solve(math.exp(hi))
-    if math.exp(hi) * s <= radius:  # 0 is in the hull: g_w -> 0 (Pareto-stationary point)
-        return w
-    for _ in range(iters):  # mu |g_w(mu)| is nondecreasing in mu
-        mid = (lo + hi) / 2
-        w, s = solve(math.exp(mid))
-        if math.exp(mid) * s < radius:
-            lo = mid
+        w_hi, norm, r_hi = solve(hi)
+    if r_hi <= 0:  # |g_w| -> 0 as mu grows: Pareto-stationary
+        return w_hi
+    # Illinois false position: superlinear where the active set is fixed (the residual is smooth
+    # there), and it keeps the bracket. About 9 NNLS solves in all for T = 2-10, against 50 with
+    # bisection to the same 1e-13 (T = 3: 0.9 ms a step against 5 ms, 2 threads).
+    side = 0
+    for _ in range(iters):
+        # In mu, not log(mu): where w sits on one face, mu |g_w| is nearly linear in mu.
+        mu_lo, mu_hi = math.exp(lo), math.exp(hi)
+        mu = (mu_lo * r_hi - mu_hi * r_lo) / (r_hi - r_lo)
+        x = math.log(mu) if mu > 0 else lo
+        if not lo < x < hi:
+            x = (lo + hi) / 2
+        w, _, r = solve(x)
+        if r < 0:
+            lo, r_lo = x, r
+            if side < 0:
+                r_hi /= 2  # the same end moved twice: halve the other's residual (Illinois)
+            side = -1
         else:
-            hi = mid
+            hi, r_hi, w_hi = x, r, w
+            if side > 0:
+                r_lo /= 2
+            side = 1
+        if abs(r) <= 1e-13:  # as accurate as the bracket width below
+            return w
         if hi - lo < 1e-13:
             break
-    return solve(math.exp(hi))[0]
+    return w_hi
 
 
 @register_aggregator
