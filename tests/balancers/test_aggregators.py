@@ -233,7 +233,7 @@ def test_cagrad_solves_dual(sampler, t, seed):
 ])
 def test_cagrad_zero_in_hull(rows):
     """Regression: with 0 in the hull the min-norm point's squared norm can come out as exactly 0 (or
-    below, by roundoff); the dual's bracket search then grew mu to e^700 and raised OverflowError."""
+    below, by roundoff); the dual's bracket search then kept growing mu and overflowed mu ** 2."""
     assert_cagrad_solves_dual(torch.tensor(rows, dtype=DT), 0.5, 0)
 
 
