@@ -211,12 +211,12 @@ def assert_cagrad_solves_dual(g: torch.Tensor, c: float, seed: int) -> None:
     trials = torch.cat([trials, torch.eye(t, dtype=DT)])
     best = min(obj(v) for v in trials)
     extra = a - b  # = (c |g0| / |g_w|) w
-    d = a @ g
     if extra.abs().max() == 0:  # Pareto-stationary: g_w = 0 is optimal, the update is g0
         assert best >= -1e-12 * g0 ** 2
         return
     w = extra / extra.sum()
     assert obj(w) <= best + 1e-9 * abs(obj(w)) + 1e-12
+    d = a @ g
     assert math.isclose(float((d - g.mean(0)).norm()), c * g0, rel_tol=1e-6)
 
 
