@@ -1,9 +1,11 @@
 """Step time (and peak memory) of every balancer relative to EW, on one model and one batch.
 
 Every method runs the same forward + ``Method.backward`` on the same weights and batch (no optimizer
-step, so nothing drifts); methods are interleaved round by round and each one's median is divided by
-EW's median from the same rounds, so load from other processes shifts all methods alike. Each timed
-step follows an untimed one of the same method (what a training loop does).
+step, so nothing drifts); methods are interleaved round by round, in a new random order each round.
+A method's "x EW" is the median over rounds of its step time divided by EW's in the same round (a
+paired ratio: load that drifts during a run cancels, where a ratio of the two medians may pair rounds
+minutes apart); the quartiles of those per-round ratios show the noise. Each timed step follows an
+untimed one of the same method (what a training loop does).
 
     python bench/balancers.py                 # markdown table on stdout
     python bench/balancers.py --memory        # + peak memory (CUDA: allocator peak; CPU: RSS of a fresh process)
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,7 +109,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(args: argparse.Namespace) -> dict[str, float]:
+def time_all(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Step times in seconds, one per round for every method (index r: round r)."""
     model, tasks, images, targets, device = setup(args)
     steps = {}
     for label, name, kw in variants(args.engines):
@@ -134,7 +138,30 @@ def time_all(args: argparse.Namespace) -> dict[str, float]:
             steps[label]()
             sync(device)
             times[label].append(time.perf_counter() - t0)
-    return {label: statistics.median(ts) for label, ts in times.items()}
+    return times
+
+
+@dataclass
+class Timing:
+    """One method's step time and its paired ratios to EW (see the module docstring)."""
+
+    step: float          # median step time, seconds
+    ratios: list[float]  # per round: step / EW's step in that round
+
+    @classmethod
+    def from_rounds(cls, times: list[float], ew: list[float]) -> "Timing":
+        return cls(statistics.median(times), [t / e for t, e in zip(times, ew, strict=True)])
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def quartiles(self) -> str:
+        if len(self.ratios) < 2:
+            return f"{self.ratios[0]:.2f}"
+        q1, _, q3 = statistics.quantiles(self.ratios, n=4, method="inclusive")
+        return f"{q1:.2f}-{q3:.2f}"
 
 
 def _prime(method) -> None:
@@ -181,34 +208,43 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"rss_mib": rss}))
 
 
-def table(args: argparse.Namespace, medians: dict[str, float], memory: dict[str, float]) -> str:
-    ew = medians["ew"]
+def table(args: argparse.Namespace, timings: dict[str, Timing], memory: dict[str, float]) -> str:
+    ew = timings["ew"].step
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads"
     lines = [f"Model `{args.model}` with heads for {', '.join(TASKS)}; batch {args.batch}, "
-             f"{args.size}x{args.size}; {device}; torch {torch.__version__}; median of "
-             f"{args.rounds} interleaved rounds, each timed step after an untimed one; EW step {ew * 1e3:.0f} ms.", ""]
-    head = "| method | step (ms) | x EW |" + (" peak memory (MiB) | x EW memory |" if memory else "")
+             f"{args.size}x{args.size}; {device}; torch {torch.__version__}; {args.rounds} interleaved "
+             f"rounds, each timed step after an untimed one; EW step {ew * 1e3:.0f} ms (median). "
+             "x EW: median over rounds of the step time divided by EW's in the same round; "
+             "quartiles: the first and third quartiles of those ratios.", ""]
+    head = "| method | step (ms) | x EW | quartiles |" + (" peak memory (MiB) | x EW memory |" if memory else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for label, med in medians.items():
-        row = f"| {label} | {med * 1e3:.0f} | {med / ew:.2f} |"
+    for label, timing in timings.items():
+        row = f"| {label} | {timing.step * 1e3:.0f} | {timing.ratio:.2f} | {timing.quartiles} |"
         if memory:
             m = memory.get(label)
             row += f" {m:.0f} | {m / memory['ew']:.2f} |" if m is not None else " | |"
         lines.append(row)
+    # The exact `shared` rows run the same engine; their solvers differ by under 1 ms a step. Pooled,
+    # their per-round ratios estimate the engine's cost with several times the samples of one row.
+    shared = [t for label, t in timings.items() if label.endswith(" (shared)")]
+    if len(shared) > 1:
+        pooled = Timing(statistics.median(t.step for t in shared), [r for t in shared for r in t.ratios])
+        lines += ["", f"The {len(shared)} `(shared)` rows pooled ({len(pooled.ratios)} per-round ratios): "
+                      f"median {pooled.ratio:.2f}x EW, quartiles {pooled.quartiles}."]
     return "\n".join(lines)
 
 
 def write_docs(text: str) -> None:
     """Replace (or append) only the "Balancer step time" section of docs/benchmarks.md."""
-    body = f"{HEADING}\n\nGenerated by `python bench/balancers.py --write-docs`.\n\n{text}\n"
+    body = f"{HEADING}\n\nGenerated by `python bench/balancers.py --write-docs`.\n\n{text}\n\n"
     old = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     if HEADING in old:
         start = old.index(HEADING)
         nxt = old.find("\n## ", start + len(HEADING))
         new = old[:start] + body + (old[nxt + 1:] if nxt >= 0 else "")
     else:
-        new = old.rstrip("\n") + "\n\n" + body
+        new = old.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
     DOCS.write_text(new)
 
 
@@ -319,9 +355,10 @@ def main() -> None:
     if args._memory_child:
         memory_child(args)
         return
-    medians = time_all(args)
-    memory = {label: peak_memory(args, label) for label in medians} if args.memory else {}
-    text = table(args, medians, memory)
+    times = time_all(args)
+    timings = {label: Timing.from_rounds(ts, times["ew"]) for label, ts in times.items()}
+    memory = {label: peak_memory(args, label) for label in timings} if args.memory else {}
+    text = table(args, timings, memory)
     print(text)
     if args.write_docs:
         write_docs(text)
