@@ -158,10 +158,15 @@ class Timing:
 
     @property
     def quartiles(self) -> str:
-        if len(self.ratios) < 2:
-            return f"{self.ratios[0]:.2f}"
-        q1, _, q3 = statistics.quantiles(self.ratios, n=4, method="inclusive")
-        return f"{q1:.2f}-{q3:.2f}"
+        return quartiles(self.ratios)
+
+
+def quartiles(values: list[float]) -> str:
+    """First and third quartiles as ``"q1-q3"`` (the value itself for one sample)."""
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return f"{q1:.2f}-{q3:.2f}"
 
 
 def _prime(method) -> None:
@@ -229,9 +234,9 @@ def table(args: argparse.Namespace, timings: dict[str, Timing], memory: dict[str
     # their per-round ratios estimate the engine's cost with several times the samples of one row.
     shared = [t for label, t in timings.items() if label.endswith(" (shared)")]
     if len(shared) > 1:
-        pooled = Timing(statistics.median(t.step for t in shared), [r for t in shared for r in t.ratios])
-        lines += ["", f"The {len(shared)} `(shared)` rows pooled ({len(pooled.ratios)} per-round ratios): "
-                      f"median {pooled.ratio:.2f}x EW, quartiles {pooled.quartiles}."]
+        pooled = [r for t in shared for r in t.ratios]
+        lines += ["", f"The {len(shared)} `(shared)` rows pooled ({len(pooled)} per-round ratios): "
+                      f"median {statistics.median(pooled):.2f}x EW, quartiles {quartiles(pooled)}."]
     return "\n".join(lines)
 
 

@@ -257,8 +257,9 @@ class LayerwiseGramian:
         x = conv.input.to(dtype)
         u = F.unfold(x, shape[2:], dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
         u = u.permute(2, 0, 1).reshape(-1, u.shape[1])                    # [N, p], rows (y, x, b)
-        # One copy into [T, h, w, n, out]: stacking the permuted views, not permuting the stack.
-        d = torch.stack([dt.permute(2, 3, 0, 1) for dt in deltas]).to(dtype).view(len(deltas), -1, shape[0])  # [T, N, out]
+        # D [T, N, out] in one copy (into [T, h, w, n, out]): stacking the permuted views, not
+        # permuting the stack.
+        d = torch.stack([dt.permute(2, 3, 0, 1) for dt in deltas]).to(dtype).view(len(deltas), -1, shape[0])
         kernel = _patch_kernel(conv, x, shape, deltas[0].shape[2:]) if conv.channel_gram else u @ u.T
         kd = torch.matmul(kernel, d)
         conv.unfolded, conv.deltas = u, d
