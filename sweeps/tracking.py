@@ -7,10 +7,21 @@ delivered every run. Nothing here imports Ray, so it runs (and is tested) withou
 Tracking must never stop or stall a sweep: the mode falls back to offline when no API key is
 available, an unreachable or misconfigured server costs at most a few seconds before the run goes
 offline, and any error while logging disables logging for that run after one warning.
+
+Epochs survive a killed trial (ASHA stops trials by SIGKILL: no atexit hook, no ``finish()``).
+wandb-core, not the SDK, holds what is lost: ``log`` hands the record to its socket before
+returning, but wandb-core writes an offline log in whole 32 KiB blocks (a partial block only every
+~15 s and when the run's stream closes), and the service wandb starts by itself exits together with
+the process that started it, dropping that buffer. Trials therefore use a wandb-core of their own
+process started *detached* (own session, so also out of reach of a process-group kill): once its
+client is gone it idles ``SERVICE_IDLE_TIMEOUT_S`` seconds, then closes the stream, which writes
+history, summary (latest values) and exit record. If that service cannot be started, wandb's own is
+used, as before.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +32,7 @@ import threading
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 from sweeps.wandb_offline import wait_complete
@@ -37,6 +48,17 @@ _RENAMES = {"step": "global_step"}
 _SECRET_WORDS = ("api_key", "apikey", "token", "password", "secret")
 # Budget of the pre-flight request; with the offline start after it, fallback stays under 5 s.
 _PROBE_TIMEOUT_S = 2.0
+
+# Seconds a trial's detached wandb-core waits after its last client went (a killed worker) before
+# it closes the open runs. It also counts from the service's start, so it must cover the connect.
+SERVICE_IDLE_TIMEOUT_S = 3
+_SERVICE_ENV = "WANDB_SERVICE"  # wandb.env.SERVICE: the service a new wandb connection uses
+
+# The detached wandb-core this process started (a wandb ServiceProcess) and the pid that started it.
+_service: Any = None
+_service_pid: int | None = None
+_service_broken = False
+_service_lock = threading.Lock()
 
 # Run ids of the live runs this process opened, so a failed online start knows whether tearing
 # down the process-wide wandb service would end somebody else's run.
@@ -88,6 +110,86 @@ def resolve_mode(requested: str | None = None) -> str:
     if mode == "offline" or env in ("offline", "dryrun"):
         return "offline"
     return "online" if _api_key() else "offline"
+
+
+def _service_alive() -> bool:
+    """Whether this process's detached wandb-core is running (False when there is none)."""
+    if _service is None or _service_pid != os.getpid():  # a forked child does not own its parent's
+        return False
+    process = getattr(_service, "_process", None)  # the Popen; wandb's handle exposes no poll()
+    return process is None or process.poll() is None
+
+
+def _service_token() -> str | None:
+    """``WANDB_SERVICE`` value of this process's detached wandb-core, started if need be.
+
+    None leaves the choice to wandb: a service named in the environment (a shared one someone set
+    up), or wandb's own after a failed start (warned once).
+    """
+    global _service, _service_pid, _service_broken
+    with _service_lock:
+        current = os.environ.get(_SERVICE_ENV)
+        token = _service.token.env_value if _service_alive() else None
+        if current and current != token:
+            return None
+        if token:
+            return token
+        if _service_broken:
+            return None
+        try:
+            import wandb
+            from wandb.sdk.lib.service import service_process
+
+            _service = service_process.start_detached(wandb.Settings(), idle_timeout=f"{SERVICE_IDLE_TIMEOUT_S}s")
+            _service_pid = os.getpid()
+            return _service.token.env_value
+        except Exception as e:  # an older or newer wandb without this API, or a failed start
+            _service_broken = True
+            _service = None
+            log.warning("cannot start a detached wandb service (%s: %s); using wandb's own, so a killed "
+                        "trial may lose its last epochs", type(e).__name__, e)
+            return None
+
+
+def _stop_service() -> None:
+    """End this process's detached wandb-core (it holds no live run); the next start makes another."""
+    global _service
+    with _service_lock:
+        if not _service_alive():
+            _service = None
+            return
+        service, _service = _service, None
+        process = getattr(service, "_process", None)
+        if process is None:
+            return
+        try:
+            process.terminate()
+            process.wait(timeout=5.0)
+        except Exception:
+            with contextlib.suppress(Exception):
+                process.kill()
+
+
+@contextlib.contextmanager
+def _detached_service() -> Iterator[bool]:
+    """Point wandb at this process's detached wandb-core while a run starts; yields whether it did.
+
+    wandb reads ``WANDB_SERVICE`` only when it connects, so the variable is put back afterwards
+    and processes started later do not inherit a service they do not own.
+    """
+    token = _service_token()
+    if token is None:
+        yield False
+        return
+    previous = os.environ.get(_SERVICE_ENV)
+    os.environ[_SERVICE_ENV] = token
+    try:
+        yield True
+    finally:
+        if previous is None:
+            os.environ.pop(_SERVICE_ENV, None)
+        else:
+            os.environ[_SERVICE_ENV] = previous
 
 
 def _server_accepts_key(timeout: float = _PROBE_TIMEOUT_S) -> bool:
@@ -226,11 +328,26 @@ class TrialLogger:
         return wandb.Settings(silent=True, init_timeout=init_timeout, console="off", save_code=False,
                               use_dot_wandb=False, root_dir=str(self._root))
 
+    def _init(self, mode: str, init_timeout: float) -> Any:
+        import wandb
+
+        for attempt in (1, 2):
+            with _detached_service() as own:
+                try:
+                    if own:
+                        wandb.setup()  # connects now: a fresh service's idle clock runs until then
+                    return wandb.init(dir=str(self._root), mode=mode, settings=self._settings(init_timeout),
+                                      **self._kwargs)
+                except Exception:
+                    # Our service idled out between the liveness check and the connect (possible
+                    # only after a wandb.teardown in this process): once more with a fresh one.
+                    if not own or attempt == 2 or _service_alive():
+                        raise
+        raise AssertionError("unreachable")
+
     def _start(self, mode: str, init_timeout: float) -> Any:
         try:
-            import wandb
-
-            return wandb.init(dir=str(self._root), mode=mode, settings=self._settings(init_timeout), **self._kwargs)
+            return self._init(mode, init_timeout)
         except Exception as e:  # wandb raises many types (CommError, UsageError, ServerResponseError ...)
             if mode == "offline":
                 self._disable("could not start an offline W&B run", e)
@@ -265,6 +382,7 @@ class TrialLogger:
                 wandb.teardown()
             except Exception as e:
                 log.warning("wandb teardown after a failed online start: %s", e)
+            _stop_service()  # a detached service outlives the teardown, and so would the stale id
         return None
 
     def _disable(self, what: str, error: BaseException) -> None:
@@ -296,12 +414,12 @@ class TrialLogger:
         except Exception:
             return None
 
-    def log(self, values: Mapping[str, Any], step: int | None = None) -> None:
-        """Log arbitrary values (W&B media objects included) at ``step``."""
+    def log(self, values: Mapping[str, Any], step: int | None = None, commit: bool | None = None) -> None:
+        """Log arbitrary values (W&B media objects included) at ``step``; ``commit`` as in ``wandb.log``."""
         if self._run is None:
             return
         try:
-            self._run.log(dict(values), step=step)
+            self._run.log(dict(values), step=step, commit=commit)
         except Exception as e:
             self._disable("W&B log failed", e)
 
@@ -309,7 +427,9 @@ class TrialLogger:
         """Log one trainer epoch record: metrics, KPIs, task weights and losses at ``step=epoch``."""
         values = flatten_record(record)
         epoch = values.get("epoch")
-        self.log(values, step=int(epoch) if epoch is not None and math.isfinite(epoch) else None)
+        # commit: an epoch is a complete row. Without it wandb-core holds a row with an explicit step
+        # back until the next step arrives, so the last epoch would wait for the next one or the end.
+        self.log(values, step=int(epoch) if epoch is not None and math.isfinite(epoch) else None, commit=True)
 
     def on_epoch(self, record: Mapping[str, Any], trainer: Any = None) -> None:
         """Trainer callback hook: ``Trainer(callbacks=[logger])`` logs every epoch."""

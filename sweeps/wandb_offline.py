@@ -10,7 +10,10 @@ An offline run keeps its data only in ``run-<id>.wandb``, a LevelDB-style log of
   shorter than a chunk header is zero padding;
 * the CRC is zlib's CRC-32 of the payload, seeded with the CRC-32 of the type byte.
 
-``run.finish()`` returns before that log is flushed; :func:`wait_complete` waits for the exit record.
+wandb-core (the service process) buffers that log: it writes whole 32 KiB blocks, a partial block
+only about every 15 s and when the run's stream closes. So ``run.finish()`` returns before the log
+is on disk (:func:`wait_complete` waits for the exit record), and a service that dies without
+closing the stream leaves only what it had flushed (often the bare header).
 Tables and media are JSON/image files under the run's ``files/`` folder; history and summary hold
 references (``{"_type": "table-file", "path": ...}``) that :func:`read_offline_run` resolves.
 """

@@ -3,7 +3,11 @@ import contextlib
 import http.server
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +19,8 @@ wandb = pytest.importorskip("wandb")
 from sweeps import tracking  # noqa: E402
 from sweeps.tracking import TrialLogger, flatten_record, log_leaderboard, resolve_mode  # noqa: E402
 from sweeps.wandb_offline import CorruptLogError, find_offline_runs, is_complete, iter_chunks, read_offline_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAKE_KEY = "fakekey-" + "0123456789abcdef" * 3
 TASKS = ("segmentation", "depth", "normal")
@@ -300,3 +306,40 @@ def test_reader_rejects_foreign_and_tolerates_truncated_logs(tmp_path):
     corrupt[20] ^= 0xFF
     with pytest.raises(CorruptLogError):
         list(iter_chunks(bytes(corrupt)))
+
+
+# A Ray Train worker stopped by ASHA dies by SIGKILL, its process group with it: no atexit hook, no
+# finish(). The child logs its epochs, then kills its own process group right after the last one.
+_KILLED_TRIAL = """
+import json, os, signal, sys
+from sweeps.tracking import TrialLogger
+
+logger = TrialLogger("p", group="g", job_type="trial", run_id="killed1", directory=sys.argv[1], mode="offline")
+for record in json.loads(sys.argv[2]):
+    logger.log_epoch(record)
+os.killpg(os.getpgid(0), signal.SIGKILL)
+"""
+
+
+def test_epochs_of_a_killed_trial_reach_disk(tmp_path):
+    """Every epoch logged before a SIGKILL is in the offline run, and its summary holds the last values."""
+    directory = tmp_path / "wandb"
+    records = [_record(1), _record(2)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run([sys.executable, "-c", _KILLED_TRIAL, str(directory), json.dumps(records)], env=env,
+                           cwd=tmp_path, start_new_session=True, capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    run_dir = _only_run(directory)
+    expected = flatten_record(records[-1])
+    deadline = time.monotonic() + 20.0  # whatever writes the log after the kill gets a bounded time
+    while True:
+        run = read_offline_run(run_dir)
+        done = len(run.history) == len(records) and all(run.summary.get(k) == v for k, v in expected.items())
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert run.run_id == "killed1" and run.group == "g"
+    assert [row["_step"] for row in run.history] == [1, 2]
+    for row, record in zip(run.history, records):
+        assert {k: row.get(k) for k in flatten_record(record)} == flatten_record(record)
+    assert {k: run.summary.get(k) for k in expected} == expected
