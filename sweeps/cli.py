@@ -5,13 +5,14 @@ already computed is touched.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from amtl.balancers import HParamError
 from amtl.data.nyuv2 import DatasetError
 from amtl.data.registry import DatasetConfigError, build_datasets
 from amtl.trainer import ConfigError, TrainConfig
-from sweeps import processes
+from sweeps import lock, processes
 from sweeps.potentials import PotentialsError
 from sweeps.runner import SweepError, SweepOptions
 from sweeps.space import SpaceError, load_space
@@ -26,16 +27,19 @@ def check_options(o: SweepOptions) -> None:
     for name in ("samples", "seeds", "epochs", "workers_per_trial"):
         if getattr(o, name) < 1:
             raise SweepError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
-    if o.cpus_per_trial <= 0 or o.gpus_per_trial < 0:
-        raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    _check_numbers(o)
     if o.max_concurrent is not None and o.max_concurrent < 1:
         raise SweepError(f"--max-concurrent must be at least 1, got {o.max_concurrent}")
-    if not o.name or "/" in o.name or o.name.startswith("."):
-        raise SweepError(f"--name '{o.name}' must be a plain folder name")
+    _check_name(o.name)
     if o.kpi is not None and o.kpi not in o.tasks:
         raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.tasks)})")
+    if o.space is not None and Path(o.space).is_dir():
+        raise SweepError(f"--space '{o.space}' is a directory; give one YAML file (a method file, or a sweep "
+                         f"file like search_spaces/all.yaml)")
     if o.space is not None and not Path(o.space).is_file():
         raise SweepError(f"--space file '{o.space}' does not exist; check the path")
+    if not o.address:  # an embedded cluster has this machine's resources, no more
+        _check_fits_this_machine(o)
     load_space(o.methods, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
     train = TrainConfig.from_dict(o.base_train())
     train.validate()
@@ -47,9 +51,81 @@ def check_options(o: SweepOptions) -> None:
         _check_sqlalchemy_url(o.optuna_storage)
     storage = Storage(o.storage)
     storage.check_writable()
-    _check_existing(o, storage)
-    if o.address:
-        _check_reachable(o.address)
+    # One driver per sweep, from here to the end of this process; taken before what exists is read,
+    # so that two drivers starting at once cannot both decide to run it.
+    held = lock.acquire(storage, o.name)
+    try:
+        _check_existing(o, storage)
+        if o.address:
+            _check_reachable(o.address)
+    except BaseException:
+        held.release()  # a refused start leaves no lock (nor the empty sweep folder it made) behind
+        raise
+
+
+def _check_numbers(o: SweepOptions) -> None:
+    """NaN passes every comparison and inf every lower bound: say finite, and what to give."""
+    if not (math.isfinite(o.cpus_per_trial) and o.cpus_per_trial > 0):
+        raise SweepError(f"--cpus-per-trial must be > 0 and finite, got {o.cpus_per_trial}; pass e.g. "
+                         f"--cpus-per-trial 1")
+    if not (math.isfinite(o.gpus_per_trial) and o.gpus_per_trial >= 0):
+        raise SweepError(f"--gpus-per-trial must be >= 0 and finite, got {o.gpus_per_trial}; pass e.g. "
+                         f"--gpus-per-trial 0 (CPU only) or 0.5 (two trials share a GPU)")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise SweepError(f"--lr must be > 0 and finite, got {o.lr}; pass e.g. --lr 0.002")
+
+
+def _check_name(name: str) -> None:
+    """The name is a folder (local) or a path segment (URI) and appears in commands the user types."""
+    plain = (name.strip() == name and name and "/" not in name and "\\" not in name and not name.startswith(".")
+             and all(c.isprintable() for c in name))
+    if not plain:
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)  # keeps the message one line
+        raise SweepError(f"--name '{shown}' must be a plain folder name (no '/', no leading '.', no leading or "
+                         f"trailing spaces, no control characters); choose another --name")
+
+
+#: Ray counts resources in units of 1/10000 and truncates each request to that.
+RAY_RESOURCE_UNITS = 10_000
+
+
+def _check_fits_this_machine(o: SweepOptions) -> None:
+    """A trial whose workers no node can hold waits forever, silently: on the embedded cluster, whose
+    only node is this machine, that is known now. Counted as Ray will: its CPU count honours cgroup
+    limits; its GPUs are the visible CUDA devices; each worker's share is cut to Ray's unit."""
+    w = o.workers_per_trial
+    fixes = "or pass --address of a Ray cluster that has a node this large"
+    for kind, per_trial, flag in (("CPU", o.cpus_per_trial, "--cpus-per-trial"),
+                                  ("GPU", o.gpus_per_trial, "--gpus-per-trial")):
+        if per_trial == 0:
+            continue
+        per_worker = per_trial / w
+        units = int(per_worker * RAY_RESOURCE_UNITS)  # truncated, as Ray does (3 x 2/3 CPU fit on 2)
+        if units == 0:
+            raise SweepError(f"{flag} {per_trial:g} over {w} worker(s) gives each worker {per_worker:g} {kind}, "
+                             f"below Ray's smallest unit (0.0001); raise {flag} or lower --workers-per-trial")
+        have = _ray_cpu_count() if kind == "CPU" else _visible_gpu_count()
+        need = units * w / RAY_RESOURCE_UNITS
+        if units * w > have * RAY_RESOURCE_UNITS:
+            what = f"{w} worker(s) x {units / RAY_RESOURCE_UNITS:g} {kind} = {need:g} {kind}" if w > 1 else \
+                f"{need:g} {kind}"
+            where = f"has {have:g}" if have else "has none Ray can use (check CUDA_VISIBLE_DEVICES)"
+            cap = f"at most {have:g}" if have else "0 to train on CPUs"
+            raise SweepError(f"one trial needs {what} on one node, but this machine (the embedded Ray cluster's "
+                             f"only node) {where}; lower {flag} to {cap}, {fixes}")
+
+
+def _ray_cpu_count() -> float:
+    """The CPUs Ray's embedded cluster will have (cgroup quota and cpuset included)."""
+    prepare_ray_import(None)  # importing Ray reads its environment: set it as connect(None) will
+    from ray._private.utils import get_num_cpus
+    return get_num_cpus(override_docker_cpu_warning=True)
+
+
+def _visible_gpu_count() -> int:
+    """GPUs visible to this process (CUDA_VISIBLE_DEVICES applies), which is what Ray counts."""
+    import torch
+    return torch.cuda.device_count()
 
 
 def _check_existing(o: SweepOptions, storage: Storage) -> None:
@@ -133,8 +209,8 @@ def is_loopback_address(address: str | None) -> bool:
         return False
 
 
-def connect(address: str | None) -> None:
-    """Join ``address`` or start a local embedded cluster; either listens on 127.0.0.1 only when local."""
+def prepare_ray_import(address: str | None) -> None:
+    """Set what Ray reads when it is imported, for a driver of ``address`` (no-op once Ray is imported)."""
     import os
     import sys
 
@@ -143,6 +219,13 @@ def connect(address: str | None) -> None:
             os.environ[SINGLE_HOST_ENV] = "0"
         if address:  # Ray authenticates a driver given an address only when told to; keep it on
             os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def connect(address: str | None) -> None:
+    """Join ``address`` or start a local embedded cluster; either listens on 127.0.0.1 only when local."""
+    import os
+
+    prepare_ray_import(address)
     import ray
     if ray.is_initialized():
         return

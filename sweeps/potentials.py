@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -124,11 +125,32 @@ def check_usable(result: Potentials) -> None:
                               f"or drop that task")
 
 
-def save(storage: Storage, train: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
-    """Add (or replace) rows ``{"task", "potential", "val/<task>/<metric>", ...}``."""
+def save(storage: Storage, train: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+         say: Callable[[str], None] = print) -> None:
+    """Add (or replace) rows ``{"task", "potential", "val/<task>/<metric>", ...}``.
+
+    An existing file that cannot be read (``--recompute-potentials`` was passed for it) is moved
+    aside, not overwritten: it may be the only copy of other sweeps' single-task results.
+    """
     new = pd.DataFrame([{**row, "fingerprint": fingerprint(train, row["task"])} for row in rows])
     if storage.exists(FILE):
-        old = read_frame(storage)
-        old = old[~old["fingerprint"].isin(new["fingerprint"])]
-        new = pd.concat([old, new], ignore_index=True)
+        try:
+            old = read_frame(storage)
+        except PotentialsError:
+            aside = set_aside(storage)
+            say(f"[potentials] '{storage.uri_of(FILE)}' was unreadable: moved it to '{aside}' (delete that "
+                f"when you no longer need it) and saved the new single-task results in its place")
+        else:
+            old = old[~old["fingerprint"].isin(new["fingerprint"])]
+            new = pd.concat([old, new], ignore_index=True)
     storage.write_parquet(new, FILE)
+
+
+def set_aside(storage: Storage) -> str:
+    """Rename the potentials file to ``potentials.parquet.corrupt-<UTC time>``; returns its new URI."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name, n = f"{FILE}.corrupt-{stamp}", 1
+    while storage.exists(name):  # two in one second: never replace an earlier one
+        name, n = f"{FILE}.corrupt-{stamp}-{n}", n + 1
+    storage.fs.move(storage.path(FILE), storage.path(name))
+    return storage.uri_of(name)

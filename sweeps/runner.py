@@ -88,8 +88,11 @@ class SweepOptions:
 
 def check_resume(o: SweepOptions, storage: Storage) -> bool:
     """Whether sweep ``o.name`` exists in ``storage``; SweepError when that contradicts ``o.resume``
-    (a finished or interrupted sweep is never started over by accident, a typo never starts afresh)."""
+    (a finished or interrupted sweep is never started over by accident, a typo never starts afresh),
+    or when its ``state.json`` is unreadable (found here, before Ray starts, not in the middle of a run)."""
     exists = storage.exists(o.name, STATE)
+    if exists:
+        read_state(Storage(storage.uri_of(o.name)))
     if exists and not o.resume:
         raise SweepError(f"sweep '{o.name}' already exists in '{storage.uri}'; pass --resume to continue it, "
                          f"or choose another --name")
@@ -97,6 +100,42 @@ def check_resume(o: SweepOptions, storage: Storage) -> bool:
         raise SweepError(f"no sweep '{o.name}' to resume in '{storage.uri}'; check --name and --storage, "
                          f"or drop --resume to start it")
     return exists
+
+
+#: The state of the previous save, kept beside ``state.json`` to replace it should it be damaged.
+STATE_BACKUP = "state.json.bak"
+
+
+def _parse_state(data: bytes) -> dict[str, Any]:
+    """A sweep state from ``data``; ValueError with a short reason when it is not one."""
+    if not data.strip():
+        raise ValueError("the file is empty")
+    try:
+        state = json.loads(data)
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
+        raise ValueError(f"not JSON: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("done"), list) \
+            or not set(map(str, state["done"])) <= set(PHASES):
+        raise ValueError("not a sweep state: no 'done' list of phases")
+    return state
+
+
+def read_state(sweep: Storage) -> dict[str, Any]:
+    """``state.json`` of the sweep in ``sweep``; SweepError naming the file and a fix that works
+    when it is damaged: copy the backup over it, or, without a usable backup, an empty state, which
+    makes each phase restore its Tune experiment on disk (finished ones return their trials)."""
+    try:
+        return _parse_state(sweep.read_bytes(STATE))
+    except (OSError, ValueError) as err:
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+    path, backup = sweep.uri_of(STATE), sweep.uri_of(STATE_BACKUP)
+    try:
+        _parse_state(sweep.read_bytes(STATE_BACKUP))
+        fix = f"put its backup in its place (cp '{backup}' '{path}') and rerun with --resume"
+    except (OSError, ValueError):
+        fix = (f"it has no usable backup, so write {{\"done\": []}} into it and rerun with --resume (each phase "
+               f"then restores its Tune experiment in '{sweep.uri}')")
+    raise SweepError(f"sweep state file '{path}' is unreadable ({problem}); {fix}")
 
 
 def _recorded_options(options: SweepOptions) -> dict[str, Any]:
@@ -125,14 +164,20 @@ class Sweep:
     def load_state(self) -> None:
         if not check_resume(self.o, self.storage):
             return
-        self.state = json.loads(self.dir.read_bytes(STATE))
+        self.state = read_state(self.dir)
+        self._saved_state = json.dumps(self.state, indent=2, default=str).encode()
         if self.dir.exists("trials.parquet"):
             self.rows = self.dir.read_parquet("trials.parquet").to_dict("records")
         if self.dir.exists("history.parquet"):
             self.history = self.dir.read_parquet("history.parquet").to_dict("records")
 
     def save_state(self) -> None:
-        self.dir.write_bytes(json.dumps(self.state, indent=2, default=str).encode(), STATE)
+        data = json.dumps(self.state, indent=2, default=str).encode()
+        # The backup is the previous save (the first save's own state at first): written before the new
+        # state, so that one of the two is whole whatever happens to the other (read_state says how).
+        self.dir.write_bytes(getattr(self, "_saved_state", None) or data, STATE_BACKUP)
+        self.dir.write_bytes(data, STATE)
+        self._saved_state = data
         if self.rows:
             self.dir.write_parquet(pd.DataFrame(self.rows), "trials.parquet")
         if self.history:

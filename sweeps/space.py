@@ -103,9 +103,13 @@ _Loader.add_implicit_resolver(
 def _read_yaml(path: Path) -> dict[str, Any]:
     """The file's top-level mapping; malformed YAML is reported with its line."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # YAML is UTF-8 here, whatever the locale says
     except OSError as e:
         raise SpaceError(path, None, f"cannot read the file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise SpaceError(path, None, f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} at line {line}); "
+                                     f"write it as UTF-8 (e.g. with iconv -t UTF-8)") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:

@@ -7,6 +7,7 @@ real script, as a user would.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import subprocess
@@ -45,6 +46,11 @@ def world(tmp_path_factory):
     pd.DataFrame({"trial_id": ["a"], "phase": ["search"], "status": ["TERMINATED"]}).to_parquet(
         store / "old" / "trials.parquet")
     (store / "old" / "notes.txt").write_text("hours of work")
+    (store / "empty-state").mkdir()  # a state.json emptied (e.g. a disk that filled up), no backup
+    (store / "empty-state" / "state.json").write_bytes(b"")
+    (store / "truncated-state").mkdir()  # cut short by a partial copy; the backup is whole
+    (store / "truncated-state" / "state.json").write_text('{"done": ["potentials", "sea')
+    (store / "truncated-state" / "state.json.bak").write_text('{"done": ["potentials"], "options": {}}')
     corrupt = root / "corrupt-potentials"
     corrupt.mkdir()
     (corrupt / "potentials.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -94,6 +100,7 @@ def world(tmp_path_factory):
         "out-of-range": "methods: [amtl]\nshared:\n  lr: {distribution: loguniform, low: 1.0e-3, high: 10.0}\n",
     }.items():
         (spaces / f"{name}.yaml").write_text(text)
+    (spaces / "latin1.yaml").write_bytes("method: amtl\n# réglages\nparams: {}\n".encode("latin-1"))
     return {"root": root, "store": store, "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
             "nyu_missing": nyu_missing, "nyu_ragged": nyu_ragged, "nyu_no_depth": nyu_no_depth, "voc": voc,
             "spaces": spaces}
@@ -153,12 +160,36 @@ CASES = [
     ("nothing-to-resume", "--name never-ran --resume", r"no sweep 'never-ran' to resume"),
     ("corrupt-potentials", "--storage {corrupt}", r"potentials file .* is unreadable .* --recompute-potentials"),
     ("foreign-potentials", "--storage {foreign}", r"potentials file .* lacks columns .* --recompute-potentials"),
+    ("nan-cpus", "--cpus-per-trial nan", r"--cpus-per-trial must be > 0 and finite, got nan"),
+    ("inf-cpus", "--cpus-per-trial inf", r"--cpus-per-trial must be > 0 and finite, got inf"),
+    ("nan-gpus", "--gpus-per-trial nan", r"--gpus-per-trial must be >= 0 and finite, got nan"),
+    ("inf-gpus", "--gpus-per-trial inf", r"--gpus-per-trial must be >= 0 and finite, got inf"),
+    ("nan-lr", "--lr nan", r"--lr must be > 0 and finite, got nan"),
+    ("inf-lr", "--lr inf", r"--lr must be > 0 and finite, got inf"),
+    ("zero-lr", "--lr 0", r"--lr must be > 0 and finite, got 0"),
+    # Names with spaces or control characters: given as argv lists, not split on whitespace.
+    ("blank-name", ("--name", " "), r"--name ' ' must be a plain folder name"),
+    ("whitespace-name", ("--name", "\t \n"), r"--name '\\t \\n' must be a plain folder name"),
+    ("padded-name", ("--name", "sweep "), r"--name 'sweep ' must be a plain folder name .*trailing spaces"),
+    ("control-name", ("--name", "a\x1b[31mb"), r"--name 'a\\x1b\[31mb' must be a plain folder name"),
+    ("space-is-a-directory", "--space {spaces}", r"--space '.*spaces' is a directory; give one YAML file"),
+    ("space-not-utf8", "--space {spaces}/latin1.yaml", r"latin1\.yaml: is not UTF-8 text \(byte 0xe9 at line 2\)"),
+    ("state-empty", "--name empty-state --resume",
+     r"state file '.*empty-state/state\.json' is unreadable \(the file is empty\); it has no usable backup, so "
+     r"write \{\"done\": \[\]\} into it and rerun with --resume"),
+    ("state-empty-no-resume", "--name empty-state", r"state file '.*empty-state/state\.json' is unreadable"),
+    ("state-truncated", "--name truncated-state --resume",
+     r"state file '.*truncated-state/state\.json' is unreadable \(not JSON: .*\); put its backup in its place "
+     r"\(cp '.*truncated-state/state\.json\.bak' '.*truncated-state/state\.json'\) and rerun with --resume"),
 ]
 SUBPROCESS = {"unknown-method", "existing-sweep"}
 
 
-def _argv(template: str, world: dict, *extra: str) -> list[str]:
-    argv = template.format(**{k: v for k, v in world.items()}).split()
+def _argv(template: str | tuple[str, ...], world: dict, *extra: str) -> list[str]:
+    if isinstance(template, tuple):  # already split: arguments holding whitespace
+        argv = [a.format(**world) for a in template]
+    else:
+        argv = template.format(**{k: v for k, v in world.items()}).split()
     defaults = {"--storage": str(world["store"]), "--name": "new"}
     for flag, value in defaults.items():
         if flag not in argv:
@@ -228,3 +259,81 @@ def test_bad_input_as_real_processes(world):
         assert seconds[case] < baseline + 10, seconds
     print({k: round(v, 1) for k, v in seconds.items()})
     assert _snapshot(world["root"]) == before
+
+
+# Requests no node of the embedded cluster (this machine) can hold: without --address, so no
+# unreachable address stops a case that wrongly passed; "--name old" (an existing sweep, no --resume)
+# does instead, later in the checks, with another message.
+EMBEDDED_CASES = [
+    ("cpus-beyond-machine", "--cpus-per-trial 1000",
+     r"one trial needs 1000 CPU on one node, but this machine \(the embedded Ray cluster's only node\) has \d+; "
+     r"lower --cpus-per-trial to at most \d+, or pass --address"),
+    ("workers-beyond-machine", "--workers-per-trial 500 --cpus-per-trial 1000",
+     r"one trial needs 500 worker\(s\) x 2 CPU = 1000 CPU on one node, but this machine .* has \d+"),
+    ("gpus-beyond-machine", "--gpus-per-trial 1000", r"one trial needs 1000 GPU on one node, but this machine"),
+    ("share-below-ray-unit", "--workers-per-trial 1000 --cpus-per-trial 0.001",
+     r"--cpus-per-trial 0\.001 over 1000 worker\(s\) gives each worker 1e-06 CPU, below Ray's smallest unit"),
+]
+
+
+@pytest.mark.parametrize("case, template, pattern", EMBEDDED_CASES, ids=[c[0] for c in EMBEDDED_CASES])
+def test_request_beyond_the_embedded_cluster(world, capsys, case, template, pattern):
+    before = _snapshot(world["root"])
+    argv = _argv(template + " --name old", world)
+    code = run_sweep.main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, (code, captured.err)
+    _check_one_line(captured.err, pattern)
+    assert _snapshot(world["root"]) == before
+    import ray
+    assert not ray.is_initialized()
+
+
+def test_recompute_replaces_an_unreadable_potentials_file(tmp_path):
+    """With --recompute-potentials the new single-task results are saved; the truncated file they
+    replace is kept aside, and the move is said."""
+    from sweeps import potentials as pot
+    from sweeps.runner import SweepOptions
+    from sweeps.storage import Storage
+
+    storage = Storage(tmp_path)
+    train = SweepOptions().base_train()
+    pot.save(storage, train, [{"task": "depth", "potential": 0.5, "val/depth/abs_err": 0.2}])
+    whole = (tmp_path / pot.FILE).read_bytes()
+    (tmp_path / pot.FILE).write_bytes(whole[: len(whole) // 2])  # truncated, e.g. a disk that filled up
+    with pytest.raises(pot.PotentialsError, match="--recompute-potentials"):
+        pot.load(storage, train, ["depth"])
+    said: list[str] = []
+    pot.save(storage, train, [{"task": "depth", "potential": 0.7, "val/depth/abs_err": 0.1}], say=said.append)
+    result, missing = pot.load(storage, train, ["depth"])
+    assert missing == [] and result.potentials == {"depth": 0.7}
+    aside = list(tmp_path.glob(f"{pot.FILE}.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == whole[: len(whole) // 2]
+    assert len(said) == 1 and aside[0].name in said[0] and "unreadable" in said[0]
+
+
+def test_state_backup_replaces_a_damaged_state(world, tmp_path, capsys):
+    """Every save keeps the previous state as state.json.bak; the error for a damaged state.json
+    names that copy, and copying it back as told is a state --resume accepts."""
+    import shlex
+
+    from sweeps.runner import STATE, Sweep, SweepOptions, check_resume
+    from sweeps.storage import Storage
+
+    options = SweepOptions(storage=str(tmp_path), name="s", no_wandb=True)
+    sweep = Sweep(options)
+    sweep.save_state()
+    sweep.state["done"].append("potentials")
+    sweep.save_state()
+    state = tmp_path / "s" / STATE
+    assert '"potentials"' in state.read_text()
+    state.write_text(state.read_text()[:20])
+    argv = ["--storage", str(tmp_path), "--name", "s", "--resume", "--no-wandb",
+            "--address", f"127.0.0.1:{_closed_port()}"]
+    assert run_sweep.main(argv) == 2
+    line = _check_one_line(capsys.readouterr().err, r"put its backup in its place \(cp .*\) and rerun with --resume")
+    command = re.search(r"\(cp (.*?)\)", line).group(1)
+    subprocess.run(["cp", *shlex.split(command)], check=True)
+    options.resume = True
+    assert check_resume(options, Storage(tmp_path))  # the fix works: the state is readable again
+    assert "potentials" not in json.loads(state.read_text())["done"]  # the previous save's
