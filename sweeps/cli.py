@@ -231,16 +231,19 @@ def connect(address: str | None) -> None:
         return
     for key, value in TRAIN_ENV.items():  # a local cluster's processes inherit the driver's environment
         os.environ.setdefault(key, value)
+    from sweeps.worker_setup import HOOK
     if address:
         try:  # on a real cluster the job's runtime environment carries it to every process
             ray.init(address=address, log_to_driver=False,
-                     runtime_env={"env_vars": {k: os.environ[k] for k in TRAIN_ENV}})
+                     runtime_env={"env_vars": {k: os.environ[k] for k in TRAIN_ENV},
+                                  "worker_process_setup_hook": HOOK})
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as err:
             raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
                              f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None
         return
     end_orphaned_clusters()
-    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=False)
+    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": HOOK})
     _record_local_cluster()
 
 
