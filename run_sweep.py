@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 from typing import NoReturn, Sequence
 
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-wandb", action="store_true", help="no W&B runs")
     add("--optuna-storage", default=None, help="SQLAlchemy URL of the Optuna study (default: SQLite file)")
     add("--seed", type=int, default=d.seed, help="searcher seed and first training seed")
+    add("--stall-timeout", type=float, default=d.stall_timeout,
+        help="seconds a phase may go without any trial progress (trials waiting for resources, a stuck "
+             "trial) before the sweep ends with an error saying what it waited for; longer than one epoch")
     return p
 
 
@@ -76,10 +81,12 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.optuna_storage:  # W&B records the command line in every run it starts here
         from sweeps.secrets import redact_url
         sys.argv[:] = [a.replace(args.optuna_storage, redact_url(args.optuna_storage)) for a in sys.argv]
+        command = [a.replace(args.optuna_storage, redact_url(args.optuna_storage)) for a in command]
     from sweeps.cli import BadInput, check_options, connect
     try:
         options = options_from_args(args)
@@ -90,15 +97,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as err:
         print(f"run_sweep.py: error: {err}", file=sys.stderr)
         return BAD_INPUT_EXIT
-    except KeyboardInterrupt:
-        print(f"run_sweep.py: interrupted; rerun with --resume --name {args.name} to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        from sweeps.interrupts import Interrupted
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print(f"run_sweep.py: stopped by {signal.Signals(signum).name}; finished trials are kept; to continue, "
+              f"run: {_resume_command(command)}", file=sys.stderr)
+        return 128 + signum
     except Exception as err:  # a failure, not bad input: say what, keep the details in the log
+        from sweeps.storage import FULL_BELOW_BYTES, Storage, is_out_of_space
         logging.getLogger("amtl.sweep").debug("sweep failed", exc_info=True)
-        print(f"run_sweep.py: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-              f"(completed trials are kept; rerun with --resume --name {args.name})", file=sys.stderr)
+        free = Storage(args.storage).free_bytes()
+        if is_out_of_space(err) or (free is not None and free < FULL_BELOW_BYTES):
+            left = f" ({free} bytes free)" if free is not None else ""
+            print(f"run_sweep.py: failed: the storage '{args.storage}' is out of space{left}; free space, then run: "
+                  f"{_resume_command(command)} (finished trials are kept)", file=sys.stderr)
+        else:
+            print(f"run_sweep.py: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                  f"(finished trials are kept; to continue, run: {_resume_command(command)})", file=sys.stderr)
         return FAILURE_EXIT
     return 0
+
+
+def _resume_command(command: Sequence[str]) -> str:
+    """This run's command line with ``--resume`` (a database password already redacted)."""
+    return shlex.join(["python", "run_sweep.py", *[a for a in command if a != "--resume"], "--resume"])
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from sweeps import potentials as pot
+from sweeps.interrupts import StopSignals
 from sweeps.storage import Storage
 from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, run_trial
 
 PHASES = ("potentials", "search", "seeds")
+#: Ray Train V2's record of a run's checkpoints, in each trial's Train run folder.
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 STATE = "state.json"
 #: The Tune trial itself only waits on its TorchTrainer; a token of memory is its whole request
 #: (Ray rejects an empty one, and a CPU fraction would stop N one-CPU workers fitting on N cores).
@@ -31,6 +34,10 @@ DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
 
 class SweepError(ValueError):
     """Bad sweep input; the message names the problem and the fix."""
+
+
+class TrialsLost(RuntimeError):
+    """Trials of a phase ended in errors after their retries; the phase is not done."""
 
 
 @dataclass
@@ -70,6 +77,7 @@ class SweepOptions:
     kpi: str | None = None
     seed: int = 0
     max_failures: int = 2
+    stall_timeout: float = 3600.0
 
     @property
     def metric(self) -> tuple[str, str]:
@@ -159,6 +167,8 @@ class Sweep:
         self.state: dict[str, Any] = {"done": [], "options": _recorded_options(options)}
         self.rows: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
+        self.signals = StopSignals()
+        self._saved_state: bytes | None = None  # what the last save wrote: the next save's backup
 
     # -- state -----------------------------------------------------------------------------
     def load_state(self) -> None:
@@ -175,7 +185,7 @@ class Sweep:
         data = json.dumps(self.state, indent=2, default=str).encode()
         # The backup is the previous save (the first save's own state at first): written before the new
         # state, so that one of the two is whole whatever happens to the other (read_state says how).
-        self.dir.write_bytes(getattr(self, "_saved_state", None) or data, STATE_BACKUP)
+        self.dir.write_bytes(self._saved_state or data, STATE_BACKUP)
         self.dir.write_bytes(data, STATE)
         self._saved_state = data
         if self.rows:
@@ -204,6 +214,8 @@ class Sweep:
     def tuner(self, phase: str, param_space: dict[str, Any], tune_config: Any) -> Any:
         from ray import tune
 
+        from sweeps.watchdog import Watchdog
+
         path = self.dir.uri_of(phase)
         # What --resume restores after a driver crash is Tune's last experiment snapshot; Tune's
         # "auto" period is at least 10 s, and a trial finished after it is rerun. Snapshots of a
@@ -212,11 +224,75 @@ class Sweep:
         trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
         if phase not in self.state["done"] and tune.Tuner.can_restore(path):
             self.say(f"[{phase}] resuming the experiment in {path}")
-            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+            self.set_aside_damaged_train_snapshots(phase)
+            # Errored trials are the lost ones (a trial that fails for a reason of its own reports it
+            # and ends TERMINATED): they continue from their last epoch checkpoint.
+            return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                       restart_errored=False)
+        # max_failures: a trial whose Tune process dies (killed, its node lost) is restarted, and its
+        # Ray Train run resumes from the last epoch checkpoint.
         run_config = tune.RunConfig(name=phase, storage_path=self.dir.uri, verbose=1,
-                                    failure_config=tune.FailureConfig(max_failures=0))
+                                    failure_config=tune.FailureConfig(max_failures=self.o.max_failures),
+                                    callbacks=[Watchdog(phase, self.o.stall_timeout)])
         return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+    def set_aside_damaged_train_snapshots(self, phase: str) -> None:
+        """Move unreadable Ray Train run snapshots out of the way of a resume.
+
+        Ray Train writes ``checkpoint_manager_snapshot.json`` in place, so a full disk can leave it
+        empty, and every later start of that trial's run fails on it. Without it the run starts
+        over: only that unfinished trial's epochs are redone (finished trials are not rerun).
+        """
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.dir.path(phase, "train"), allow_not_found=True)
+        for run in self.dir.fs.get_file_info(selector):
+            if run.type != pafs.FileType.Directory:
+                continue
+            snapshot = f"{run.path}/{TRAIN_SNAPSHOT}"
+            if self.dir.fs.get_file_info(snapshot).type != pafs.FileType.File:
+                continue
+            with self.dir.fs.open_input_stream(snapshot) as f:
+                data = f.read()
+            try:
+                json.loads(data)
+            except ValueError:
+                aside = f"{snapshot}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+                self.dir.fs.move(snapshot, aside)
+                self.say(f"[{phase}] {run.base_name}: its Ray Train snapshot was damaged ({len(data)} bytes, "
+                         f"kept as {aside.rsplit('/', 1)[-1]}); that trial starts its training over")
+
+    def fit(self, phase: str, tuner: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Run ``tuner`` and record its trials; raises when the phase did not finish.
+
+        The phase's rows replace earlier ones and are saved even then, so nothing finished is lost.
+        A signal (Ctrl-C, SIGTERM) raises :class:`Interrupted`; trials lost after their retries raise
+        :class:`TrialsLost`. Either way the phase stays undone and ``--resume`` restores it.
+        """
+        with self.signals.tune_fit():
+            grid = tuner.fit()
+        rows, history = collect(grid, phase, self.dir.uri_of(phase, "train"))
+        self.rows = [r for r in self.rows if r["phase"] != phase] + rows
+        self.history = [h for h in self.history if h.get("phase") != phase] + history
+        lost = [result for result in grid if result.error is not None]
+        if lost:
+            self.save_state()
+            raise TrialsLost(f"{len(lost)} {phase} trial(s) lost after {self.o.max_failures} retries "
+                             f"({_one_line(lost[0].error)}); rerun with --resume to continue them from their "
+                             f"last checkpoints")
+        return rows, history
+
+    def check_cluster_fits(self) -> None:
+        """Say once when no node of an existing cluster can hold one trial worker (it may autoscale:
+        the watchdog bounds the wait)."""
+        from sweeps.watchdog import resources_text, largest_node, no_node_fits
+
+        o = self.o
+        worker = {"CPU": o.cpus_per_trial / o.workers_per_trial, "GPU": o.gpus_per_trial / o.workers_per_trial}
+        if no_node_fits(worker):
+            self.say(f"[cluster] no node of the cluster offers {resources_text(worker)} for one trial worker "
+                     f"(largest node: {resources_text(largest_node())}); waiting up to --stall-timeout "
+                     f"{o.stall_timeout:.0f}s for the cluster to grow")
 
     def concurrency(self) -> int:
         import ray
@@ -241,10 +317,7 @@ class Sweep:
         tuner = self.tuner("potentials", {TRIAL_KEY: self.spec("potentials"),
                                           "override": tune.grid_search(overrides)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
-        grid = tuner.fit()
-        rows, history = collect(grid, "potentials", self.dir.uri_of("potentials", "train"))
-        self.rows = [r for r in self.rows if r["phase"] != "potentials"] + rows
-        self.history = [h for h in self.history if h.get("phase") != "potentials"] + history
+        rows, history = self.fit("potentials", tuner)
         failed = [r for r in rows if r["status"] != "TERMINATED"]
         if failed:
             raise RuntimeError(f"single-task trial(s) for {', '.join(str(r['method']) for r in failed)} failed: "
@@ -284,10 +357,7 @@ class Sweep:
         tuner = self.tuner("search", {TRIAL_KEY: self.spec("search", potentials.as_spec())},
                            tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=self.o.samples,
                                            metric=metric, mode=mode))
-        grid = tuner.fit()
-        rows, history = collect(grid, "search", self.dir.uri_of("search", "train"))
-        self.rows = [r for r in self.rows if r["phase"] != "search"] + rows
-        self.history = [h for h in self.history if h.get("phase") != "search"] + history
+        self.fit("search", tuner)
 
     def run_seeds(self, potentials: pot.Potentials) -> None:
         from ray import tune
@@ -308,13 +378,16 @@ class Sweep:
         tuner = self.tuner("seeds", {TRIAL_KEY: self.spec("seeds", potentials.as_spec()),
                                      "seeded": tune.grid_search(runs)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
-        grid = tuner.fit()
-        rows, history = collect(grid, "seeds", self.dir.uri_of("seeds", "train"))
-        self.rows = [r for r in self.rows if r["phase"] != "seeds"] + rows
-        self.history = [h for h in self.history if h.get("phase") != "seeds"] + history
+        self.fit("seeds", tuner)
 
     def run(self) -> pd.DataFrame:
+        with self.signals:
+            return self._run_phases()
+
+    def _run_phases(self) -> pd.DataFrame:
         self.load_state()
+        if self.o.address:
+            self.check_cluster_fits()
         self.storage.check_writable()
         self.save_state()
         steps = [("potentials", self.run_potentials), ("search", self.run_search), ("seeds", self.run_seeds)]

@@ -5,7 +5,10 @@ reads and writes the same shared storage; writes go to a temporary name first, t
 """
 from __future__ import annotations
 
+import errno
 import io
+import shutil
+import traceback
 import uuid
 from pathlib import Path
 
@@ -17,6 +20,24 @@ import pyarrow.parquet as pq
 
 class StorageError(ValueError):
     """The storage location is unusable (bad URI, not writable, ...)."""
+
+
+#: Below this many free bytes a local storage counts as full (a checkpoint no longer fits).
+FULL_BELOW_BYTES = 1 << 20
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` comes from a full disk or quota, also when Ray carries the cause only as text."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _OUT_OF_SPACE:
+            return True
+        current = current.__cause__ or current.__context__
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 class Storage:
@@ -33,6 +54,15 @@ class Storage:
                                f"a URI pyarrow understands, e.g. s3://bucket/path") from None
         self.uri = uri
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def free_bytes(self) -> int | None:
+        """Free space of a local storage's file system (None for remote storage)."""
+        if not self.is_local:
+            return None
+        path = Path(self.root)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])

@@ -151,7 +151,7 @@ def _make_logger(spec: Mapping[str, Any]) -> Any | None:
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune function trainable: launch a ``TorchTrainer`` for this trial and wait for it."""
     import ray.tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -176,7 +176,26 @@ def run_trial(config: dict[str, Any]) -> None:
                              callbacks=[TuneReportCallback()],
                              failure_config=FailureConfig(max_failures=int(spec.get("max_failures", 2)))),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except WorkerGroupError as err:
+        # The trial's own code failed on every one of Ray Train's attempts: report it as this trial's
+        # failure (Tune would retry an exception). A full disk is the cluster's fault, not the trial's:
+        # raised, so the trial ends lost and --resume retries it once there is space.
+        from sweeps.storage import is_out_of_space
+        if is_out_of_space(err):
+            raise
+        _report_train_failure(train["tasks"], err)
+
+
+def _report_train_failure(tasks: list[str], err: BaseException) -> None:
+    """Tune's last report of a trial whose Ray Train run failed: the reason and NaN objectives."""
+    import ray.tune
+
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    reason = f"training failed: {lines[-1] if lines else type(err).__name__}"[:500]
+    ray.tune.report({FINAL_KEY: True, FAILED_KEY: reason, "val_delta_m": math.nan, "test_delta_m": math.nan,
+                     **{f"kpi/{task}": math.nan for task in tasks}})
 
 
 def resolve_trial(config: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any], dict[str, Any]]:
