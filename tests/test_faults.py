@@ -3,7 +3,9 @@
 - a trial whose loss diverges ends at once as failed, with the reason, and is counted per method;
 - a Ray Train worker SIGKILLed mid-epoch: the trial resumes from its last checkpoint and finishes;
 - the sweep driver SIGKILLed, then ``--resume``: every finished trial kept once, no duplicate history,
-  the Optuna study continues, and the Ray processes the dead driver left behind are ended.
+  the Optuna study continues, and the Ray processes the dead driver left behind are ended;
+- the driver SIGKILLed five times at points chosen from the sweep's progress (a phase change,
+  mid-epoch, after a trial finished), each with finished trials at risk: none lost or doubled.
 """
 from __future__ import annotations
 
@@ -189,3 +191,30 @@ def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_r
     for value in trials.query("phase == 'search'")["val_delta_m"]:
         assert value == pytest.approx(min(values, key=lambda v: abs(v - value))), (value, values)
     print(counts, f"{len(leftovers)} process(es) outlived the killed drivers")
+
+
+# Six drivers (five killed), 6-7 trials, each kill restarting the running ones: 6 minutes on a 2-core
+# machine shared with other sweeps (load 20-30); the limit leaves room for one several times slower.
+@pytest.mark.timeout(1800)
+def test_kills_at_progress_points_each_risk_finished_trials_and_lose_none(kill_resume, tmp_path):
+    """SIGKILL the driver 5 times, each at a kill point read from the sweep's progress on disk
+    (phase change, mid-epoch, a trial just finished, phase change, mid-epoch), each with finished
+    trials at risk; resume after each. Every one of them is in trials.parquet once, history has no
+    duplicates, and no process of a killed driver still runs."""
+    kr = kill_resume
+    start = time.perf_counter()
+    outcome = kr.kill_loop(tmp_path / "store", "kills", kills=5, sweep=kr.sweep_args(samples=3, epochs=3),
+                           log=tmp_path / "sweep.log")
+    report = "\n".join(kr.summary(outcome))
+    print(report, f"in {time.perf_counter() - start:.0f}s")
+    assert not outcome.problems, report
+    assert [k.kind for k in outcome.kills] == ["phase", "mid-epoch", "finished", "phase", "mid-epoch"], report
+    assert outcome.kills_at_risk == 5, report  # every kill had finished trials to lose
+    assert all(k.stop.status == -signal.SIGKILL for k in outcome.kills)
+    assert outcome.final_status == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert outcome.lost == set(), report
+    assert outcome.check_error is None, report  # each trial once, no duplicate history rows
+    assert not outcome.stale, report  # nothing a killed driver started still runs
+    trials = pd.read_parquet(tmp_path / "store" / "kills" / "trials.parquet")
+    assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
+    assert trials.groupby("phase").size()[["potentials", "search"]].tolist() == [2, 3]
