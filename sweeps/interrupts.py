@@ -40,6 +40,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._in_fit = False
+        self._deferred = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -59,6 +60,8 @@ class StopSignals:
         first = self.received is None
         self.received = signum
         tune_stop: Callable[[int, FrameType | None], Any] | Any = signal.getsignal(signal.SIGUSR1)
+        if self._deferred:
+            return  # raised when the deferred block ends
         if self._in_fit and first and callable(tune_stop):
             print(f"\n{signal.Signals(signum).name} received: stopping the running trials after Tune's last "
                   f"snapshot (send it again to stop at once)", flush=True)
@@ -78,6 +81,16 @@ class StopSignals:
             raise Interrupted(self.received) from err
         finally:
             self._in_fit = False
+        self.raise_if_received()
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block a signal must not cut in two (writing the sweep's files); it is raised after."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
         self.raise_if_received()
 
     def raise_if_received(self) -> None:

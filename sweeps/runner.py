@@ -19,13 +19,11 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from sweeps import potentials as pot
-from sweeps.interrupts import StopSignals
+from sweeps.interrupts import Interrupted, StopSignals
 from sweeps.storage import Storage
 from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, run_trial
 
 PHASES = ("potentials", "search", "seeds")
-#: Ray Train V2's record of a run's checkpoints, in each trial's Train run folder.
-TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 STATE = "state.json"
 #: The Tune trial itself only waits on its TorchTrainer; a token of memory is its whole request
 #: (Ray rejects an empty one, and a CPU fraction would stop N one-CPU workers fitting on N cores).
@@ -182,16 +180,19 @@ class Sweep:
             self.history = self.dir.read_parquet("history.parquet").to_dict("records")
 
     def save_state(self) -> None:
+        """Rows first, ``state.json`` last: a phase is recorded as done only once its rows are saved,
+        whenever the driver is stopped (a signal waits for the save to end)."""
         data = json.dumps(self.state, indent=2, default=str).encode()
-        # The backup is the previous save (the first save's own state at first): written before the new
-        # state, so that one of the two is whole whatever happens to the other (read_state says how).
-        self.dir.write_bytes(self._saved_state or data, STATE_BACKUP)
-        self.dir.write_bytes(data, STATE)
+        with self.signals.deferred():
+            if self.rows:
+                self.dir.write_parquet(pd.DataFrame(self.rows), "trials.parquet")
+            if self.history:
+                self.dir.write_parquet(pd.DataFrame(self.history), "history.parquet")
+            # The backup is the previous save (the first save's own state at first): written before the
+            # new state, so that one of the two is whole whatever happens to the other (see read_state).
+            self.dir.write_bytes(self._saved_state or data, STATE_BACKUP)
+            self.dir.write_bytes(data, STATE)
         self._saved_state = data
-        if self.rows:
-            self.dir.write_parquet(pd.DataFrame(self.rows), "trials.parquet")
-        if self.history:
-            self.dir.write_parquet(pd.DataFrame(self.history), "history.parquet")
 
     # -- shared trial spec -----------------------------------------------------------------
     def spec(self, phase: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -214,6 +215,7 @@ class Sweep:
     def tuner(self, phase: str, param_space: dict[str, Any], tune_config: Any) -> Any:
         from ray import tune
 
+        from sweeps.snapshots import SnapshotKeeper, has_tune_snapshot, repair_phase
         from sweeps.watchdog import Watchdog
 
         path = self.dir.uri_of(phase)
@@ -222,9 +224,11 @@ class Sweep:
         # sweep's few dozen trials take milliseconds, so take them every 2 s.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
-        if phase not in self.state["done"] and tune.Tuner.can_restore(path):
+        # can_restore only looks for tuner.pkl, written before Tune's first experiment snapshot; a
+        # restore without a snapshot "restarts" the experiment without the phase's fixed config.
+        if phase not in self.state["done"] and tune.Tuner.can_restore(path) and has_tune_snapshot(Storage(path)):
             self.say(f"[{phase}] resuming the experiment in {path}")
-            self.set_aside_damaged_train_snapshots(phase)
+            repair_phase(Storage(path), lambda text: self.say(f"[{phase}] {text}"))
             # Errored trials are the lost ones (a trial that fails for a reason of its own reports it
             # and ends TERMINATED): they continue from their last epoch checkpoint.
             return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
@@ -233,34 +237,8 @@ class Sweep:
         # Ray Train run resumes from the last epoch checkpoint.
         run_config = tune.RunConfig(name=phase, storage_path=self.dir.uri, verbose=1,
                                     failure_config=tune.FailureConfig(max_failures=self.o.max_failures),
-                                    callbacks=[Watchdog(phase, self.o.stall_timeout)])
+                                    callbacks=[Watchdog(phase, self.o.stall_timeout), SnapshotKeeper(path)])
         return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-
-    def set_aside_damaged_train_snapshots(self, phase: str) -> None:
-        """Move unreadable Ray Train run snapshots out of the way of a resume.
-
-        Ray Train writes ``checkpoint_manager_snapshot.json`` in place, so a full disk can leave it
-        empty, and every later start of that trial's run fails on it. Without it the run starts
-        over: only that unfinished trial's epochs are redone (finished trials are not rerun).
-        """
-        import pyarrow.fs as pafs
-
-        selector = pafs.FileSelector(self.dir.path(phase, "train"), allow_not_found=True)
-        for run in self.dir.fs.get_file_info(selector):
-            if run.type != pafs.FileType.Directory:
-                continue
-            snapshot = f"{run.path}/{TRAIN_SNAPSHOT}"
-            if self.dir.fs.get_file_info(snapshot).type != pafs.FileType.File:
-                continue
-            with self.dir.fs.open_input_stream(snapshot) as f:
-                data = f.read()
-            try:
-                json.loads(data)
-            except ValueError:
-                aside = f"{snapshot}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-                self.dir.fs.move(snapshot, aside)
-                self.say(f"[{phase}] {run.base_name}: its Ray Train snapshot was damaged ({len(data)} bytes, "
-                         f"kept as {aside.rsplit('/', 1)[-1]}); that trial starts its training over")
 
     def fit(self, phase: str, tuner: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Run ``tuner`` and record its trials; raises when the phase did not finish.
@@ -382,7 +360,12 @@ class Sweep:
 
     def run(self) -> pd.DataFrame:
         with self.signals:
-            return self._run_phases()
+            try:
+                return self._run_phases()
+            except Exception as err:  # a signal to the whole process group also ends Ray's own processes
+                if self.signals.received is None:
+                    raise
+                raise Interrupted(self.signals.received) from err
 
     def _run_phases(self) -> pd.DataFrame:
         self.load_state()

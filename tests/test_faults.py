@@ -218,3 +218,19 @@ def test_kills_at_progress_points_each_risk_finished_trials_and_lose_none(kill_r
     trials = pd.read_parquet(tmp_path / "store" / "kills" / "trials.parquet")
     assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
     assert trials.groupby("phase").size()[["potentials", "search"]].tolist() == [2, 3]
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_at_progress_points_stop_cleanly_and_lose_nothing(kill_resume, tmp_path, sig, group):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) or SIGTERM to the driver at
+    a phase change, mid-epoch and after a trial finished: each driver exits by itself with 128 + the
+    signal, and the resumed sweep keeps every finished trial once."""
+    kr = kill_resume
+    outcome = kr.kill_loop(tmp_path / "store", "stops", kills=3, sweep=kr.sweep_args(samples=3, epochs=3),
+                           sig=sig, group=group, log=tmp_path / "sweep.log")
+    report = "\n".join(kr.summary(outcome))
+    print(report)
+    assert outcome.ok, report + "\n" + (tmp_path / "sweep.log").read_text()[-3000:]
+    assert all(k.stop.status == 128 + sig for k in outcome.kills), report
+    assert outcome.kills_at_risk == 3 and outcome.lost == set(), report

@@ -69,6 +69,7 @@ def test_two_sweeps_at_once_with_asha_stopping_trials_both_finish(tmp_path):
     """Before: Ray Train's placement-group cleaner resolved the address "auto", found two clusters,
     died, and the next trials waited forever for the CPUs of the trials ASHA had stopped."""
     args = _sweep("--scheduler", "asha", samples=4)
+    started = time.time()
     logs = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
     procs = {name: kr.start_sweep(tmp_path / name, name, args=args, log=logs[name]) for name in logs}
     try:
@@ -83,6 +84,18 @@ def test_two_sweeps_at_once_with_asha_stopping_trials_both_finish(tmp_path):
         assert set(trials["phase"]) == {"potentials", "search", "seeds"}
         stopped += int((trials["status"] == "STOPPED").sum())
     assert stopped >= 1, "ASHA stopped no trial, so no trial waited for a stopped trial's resources"
+    # Whether a stopped trial's leaked placement group then blocks a later trial depends on timing;
+    # the cause is not: the cleaner's state-API lookup fails and its monitor thread dies.
+    confused = [str(path) for path in _ray_logs_since(started) if b"Found multiple active Ray" in path.read_bytes()]
+    assert not confused, f"a Ray process resolved 'auto' to several clusters: {confused[:3]}"
+
+
+def _ray_logs_since(started: float) -> list[Path]:
+    """Log files of the Ray sessions (local clusters) started on this machine since ``started``."""
+    import tempfile
+    sessions = [d for d in (Path(tempfile.gettempdir()) / "ray").glob("session_2*")
+                if d.is_dir() and not d.is_symlink() and d.stat().st_mtime >= started - 1]
+    return [f for d in sessions for f in (d / "logs").rglob("*") if f.is_file()]
 
 
 @pytest.mark.timeout(1800)
@@ -194,29 +207,47 @@ def _mount_tmpfs(path: Path, megabytes: int) -> bool:
     return done.returncode == 0
 
 
+def _fill(directory: Path) -> Path:
+    """Write zeros into ``directory`` until its file system is full; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(bytes(1 << 20))
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
 @pytest.mark.timeout(1500)
 def test_full_disk_says_so_and_resume_finishes_after_space_is_freed(tmp_path):
+    """The storage's file system fills while search trials run (a tmpfs the test fills): one line
+    names it; once space is freed, ``--resume`` finishes with every finished trial kept once."""
     storage = tmp_path / "disk"
-    if not _mount_tmpfs(storage, 18):
+    if not _mount_tmpfs(storage, 400):
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     name, log = "full", tmp_path / "sweep.log"
     sweep_dir = storage / name
-    args = _sweep(n_train=1024)
+    args = _sweep(n_train=512)
     sessions: list[int] = []
     try:
         first = kr.start_sweep(storage, name, args=args, log=log)
         sessions.append(first.pid)
-        status = _wait_exit(first, 1200, log)
+        kr.wait_for(lambda: kr.finished(sweep_dir, "search"), first, 900, "finished search trial")
+        filler = _fill(storage)
+        status = _wait_exit(first, 900, log)
         line = _last_error_line(log)
         assert status == 1 and "out of space" in line and "--resume" in line, log.read_text()[-3000:]
         kept = set().union(*(kr.finished(sweep_dir, phase) for phase in ("potentials", "search", "seeds")))
+        assert kept
         # Ray Train writes its run snapshot in place; the run written last when the disk filled is the
         # one a full disk can leave with an empty snapshot (seen in the issue): make sure one is.
         snapshots = sorted(sweep_dir.glob("*/train/train-*/checkpoint_manager_snapshot.json"),
                            key=lambda path: path.stat().st_mtime)
         assert snapshots, "no Ray Train run was written"
         snapshots[-1].write_bytes(b"")
-        subprocess.run(["mount", "-o", "remount,size=400m", str(storage)], check=True)
+        filler.unlink()
         second = kr.start_sweep(storage, name, args=args, resume=True, log=log)
         sessions.append(second.pid)
         assert _wait_exit(second, 1200, log) == 0, log.read_text()[-3000:]
@@ -251,3 +282,37 @@ def test_resources_no_node_offers_are_said_once_and_end_after_the_stall_timeout(
     assert "nothing progressed for" in last and "--resume" in last, last
     assert "Traceback" not in done.stderr
     print(f"stalled sweep ended after {elapsed:.0f}s")
+
+
+def test_damaged_ray_snapshots_are_repaired_from_the_last_good_copy(tmp_path):
+    """Tune and Ray Train write their snapshots into the storage in place: a full disk truncates them.
+    The keeper's whole copy replaces Tune's damaged state; a damaged Train snapshot is set aside."""
+    import pickle
+
+    from sweeps.snapshots import GOOD_COPY, TRAIN_SNAPSHOT, keep_good_copy, repair_phase
+    from sweeps.storage import Storage
+
+    phase_dir = tmp_path / "search"
+    (phase_dir / "train" / "train-a").mkdir(parents=True)
+    state = {"experiment_state-1.json": json.dumps({"trial_data": [["t", "m"]]}).encode(),
+             "search_gen_state-1.json": pickle.dumps({"counter": 3}),  # a pickle, whatever its name says
+             "searcher-state-1.pkl": pickle.dumps({"study": list(range(100))})}
+    for name, data in state.items():
+        (phase_dir / name).write_bytes(data)
+    phase = Storage(phase_dir)
+    assert keep_good_copy(phase)
+    for name, data in state.items():  # truncated as a full disk leaves them
+        (phase_dir / name).write_bytes(data[: len(data) // 2])
+    assert not keep_good_copy(phase)  # a damaged state never replaces the good copy
+    (phase_dir / "train" / "train-a" / TRAIN_SNAPSHOT).write_bytes(b"")
+    said: list[str] = []
+    repair_phase(phase, said.append)
+    for name, data in state.items():
+        assert (phase_dir / name).read_bytes() == data
+        assert (phase_dir / GOOD_COPY / name).read_bytes() == data
+    assert len(list(phase_dir.glob("*.damaged-*"))) == 3
+    assert not (phase_dir / "train" / "train-a" / TRAIN_SNAPSHOT).exists()
+    assert list((phase_dir / "train" / "train-a").glob(f"{TRAIN_SNAPSHOT}.damaged-*"))
+    assert len(said) == 2 and "last good copy" in said[0] and "starts its training over" in said[1]
+    repair_phase(phase, said.append)  # nothing damaged any more: nothing done, nothing said
+    assert len(said) == 2
