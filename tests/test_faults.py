@@ -74,6 +74,21 @@ def test_diverging_trial_fails_at_once_with_its_reason_and_is_counted(ray_cluste
     print(f"2 trials, one diverging, in {elapsed:.1f}s")
 
 
+def test_a_trial_failing_on_every_train_attempt_reports_why_and_is_not_retried(ray_cluster, tmp_path):
+    """A trial whose own code raises on each of Ray Train's attempts is the trial's failure, reported
+    with its reason, not a lost trial: Tune does not retry it and the sweep goes on."""
+    from sweeps.runner import collect
+
+    overrides = [{"balancer": "ew", "hparams": {"bogus": 1}}, {"balancer": "ew"}]
+    grid = _tune_trials(tmp_path, "bad", overrides, epochs=1, max_failures=1)
+    rows, _ = collect(grid, "search", f"{tmp_path}/bad/train")
+    assert [r.error for r in grid] == [None, None]  # nothing lost: Tune saw two ended trials
+    failed, ok = sorted(rows, key=lambda r: r["error"] is None)
+    assert failed["status"] == "ERROR" and failed["error"].startswith("training failed: ")
+    assert "has no hyperparameter 'bogus'" in failed["error"], failed["error"]
+    assert ok["status"] == "TERMINATED", ok["error"]
+
+
 def _train_worker_pids() -> set[int]:
     import ray
     from ray.util.state import list_actors
