@@ -15,7 +15,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 #: Tune installs its own SIGINT handler in ``fit`` unless this is set; ours must stay in place.
 TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
@@ -59,7 +59,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self.received is None
         self.received = signum
-        tune_stop: Callable[[int, FrameType | None], Any] | Any = signal.getsignal(signal.SIGUSR1)
+        tune_stop = signal.getsignal(signal.SIGUSR1)  # Tune's graceful stop while Tuner.fit runs
         if self._deferred:
             return  # raised when the deferred block ends
         if self._in_fit and first and callable(tune_stop):

@@ -14,7 +14,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -121,19 +121,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report(final)
 
 
-def _report_failed(trainer: Trainer, config: TrainConfig, reason: str, logger: Any | None,
-                   train_seconds: float) -> None:
-    """The last report of a trial that cannot succeed: the reason, and NaN objectives.
+def failed_report(reason: str, tasks: Sequence[str]) -> dict[str, Any]:
+    """A trial's last report when it cannot succeed: the reason, and NaN objectives.
 
     Tune requires the objective in every result, so it is NaN (Optuna records the trial as failed,
     ASHA ignores NaN); ``sweeps.runner.collect`` turns the reason into status ERROR and its error.
     """
+    return {FINAL_KEY: True, FAILED_KEY: reason, "val_delta_m": math.nan, "test_delta_m": math.nan,
+            **{f"kpi/{task}": math.nan for task in tasks}}
+
+
+def _report_failed(trainer: Trainer, config: TrainConfig, reason: str, logger: Any | None,
+                   train_seconds: float) -> None:
+    """Ray Train's last report of a trial that cannot succeed (see :func:`failed_report`)."""
     import ray.train
 
-    final: dict[str, Any] = {FINAL_KEY: True, FAILED_KEY: reason, "epoch": trainer.epoch, "step": trainer.step,
-                             "val_delta_m": math.nan, "test_delta_m": math.nan, "node_id": _node_id(),
-                             "train_seconds_total": train_seconds,
-                             **{f"kpi/{task}": math.nan for task in config.tasks}}
+    final = {**failed_report(reason, config.tasks), "epoch": trainer.epoch, "step": trainer.step,
+             "node_id": _node_id(), "train_seconds_total": train_seconds}
     if logger is not None:
         logger.set_summary({FAILED_KEY: reason})
         logger.finish()
@@ -188,14 +192,12 @@ def run_trial(config: dict[str, Any]) -> None:
         _report_train_failure(train["tasks"], err)
 
 
-def _report_train_failure(tasks: list[str], err: BaseException) -> None:
-    """Tune's last report of a trial whose Ray Train run failed: the reason and NaN objectives."""
+def _report_train_failure(tasks: Sequence[str], err: BaseException) -> None:
+    """Tune's last report of a trial whose Ray Train run failed (see :func:`failed_report`)."""
     import ray.tune
 
     lines = [line for line in str(err).splitlines() if line.strip()]
-    reason = f"training failed: {lines[-1] if lines else type(err).__name__}"[:500]
-    ray.tune.report({FINAL_KEY: True, FAILED_KEY: reason, "val_delta_m": math.nan, "test_delta_m": math.nan,
-                     **{f"kpi/{task}": math.nan for task in tasks}})
+    ray.tune.report(failed_report(f"training failed: {lines[-1] if lines else type(err).__name__}"[:500], tasks))
 
 
 def resolve_trial(config: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any], dict[str, Any]]:
