@@ -14,6 +14,7 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 from typing import NoReturn, Sequence
 
 from sweeps.runner import SweepOptions
@@ -112,10 +113,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run_sweep.py: failed: the storage '{args.storage}' is out of space{left}; free space, then run: "
                   f"{_resume_command(command)} (finished trials are kept)", file=sys.stderr)
         else:
-            print(f"run_sweep.py: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                  f"(finished trials are kept; to continue, run: {_resume_command(command)})", file=sys.stderr)
+            details = _save_traceback(args.storage, args.name)
+            print(f"run_sweep.py: failed: {_root_cause(err)} (finished trials are kept; {details}to continue, run: "
+                  f"{_resume_command(command)})", file=sys.stderr)
         return FAILURE_EXIT
     return 0
+
+
+def _root_cause(err: BaseException) -> str:
+    """``Type: message`` of the innermost exception. Tune wraps a driver-side failure in a TuneError
+    whose message is a whole traceback: its last line names what actually went wrong."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Traceback"):
+        return lines[-1]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _save_traceback(storage: str, name: str) -> str:
+    """Keep the failure's full traceback next to the sweep; say where (nothing if it cannot be written)."""
+    from sweeps.storage import Storage
+    try:
+        store = Storage(storage)
+        store.write_bytes(traceback.format_exc().encode(), name, "driver-error.txt")
+    except Exception:  # a full disk or a lost object store must not hide the error itself
+        return ""
+    return f"details in {store.uri_of(name, 'driver-error.txt')}; "
 
 
 def _resume_command(command: Sequence[str]) -> str:
