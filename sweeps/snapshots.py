@@ -6,14 +6,21 @@ run's ``checkpoint_manager_snapshot.json`` in place too. A full disk therefore l
 Tune then silently "restarts" the experiment from an empty state (new trials without the phase's
 fixed config), and Train fails every later start of that run.
 
-- :class:`SnapshotKeeper`, a Tune callback, copies Tune's driver state, whenever it changed and every
-  file of it is whole, into ``<phase>/last-good/``.
-- :func:`repair_phase`, before a phase is restored, puts that copy back over damaged driver state and
-  sets damaged Train run snapshots aside (that unfinished trial then trains again from scratch).
+The copy into the storage also goes file by file, so a driver killed during it leaves whole files from
+two moments: an experiment state listing a trial its searcher never suggested. Tune restores that
+without complaint, and the trial's first result then fails the driver (``KeyError`` in the searcher)
+on every later ``--resume``.
+
+- :class:`SnapshotKeeper`, a Tune callback, copies Tune's driver state, whenever it changed and its
+  files are whole and agree with each other, into ``<phase>/last-good/``.
+- :func:`repair_phase`, before a phase is restored, puts that copy back over damaged or disagreeing
+  driver state and sets damaged Train run snapshots aside (that unfinished trial then trains again
+  from scratch).
 """
 from __future__ import annotations
 
 import json
+import pickle
 import pickletools
 import time
 from typing import Any, Callable
@@ -51,6 +58,35 @@ def is_whole(name: str, data: bytes) -> bool:
     return True
 
 
+def _newest(files: dict[str, bytes], prefix: str) -> bytes | None:
+    names = sorted(name for name in files if name.startswith(prefix))  # what Tune restores: the newest name
+    return files[names[-1]] if names else None
+
+
+def agrees(files: dict[str, bytes]) -> bool:
+    """Whether Tune's newest experiment state and its searcher's state (whole files) describe the
+    same trials: the search generator made exactly the experiment's trials, the concurrency limiter
+    waits on none other, and the searcher knows each of them. A phase without a searcher agrees."""
+    experiment, generator, searcher = (_newest(files, prefix) for prefix in TUNE_STATE_PREFIXES)
+    if experiment is None:
+        return False
+    if generator is None and searcher is None:
+        return True
+    try:
+        trials = {json.loads(data)["trial_id"] for data, _ in json.loads(experiment)["trial_data"]}
+        generated = pickle.loads(generator) if generator is not None else None
+        # The searcher's pickle holds an Optuna study (and its database URL): look, do not load.
+        known = ({arg for _, arg, _ in pickletools.genops(searcher) if isinstance(arg, str)}
+                 if searcher is not None else trials)
+    except Exception:  # not Tune's layout: treat as disagreeing, the good copy is Tune's own
+        return False
+    if generated is not None:
+        live = generated.get("name:ConcurrencyLimiter", {}).get("live_trials", set())
+        if generated.get("counter") != len(trials) or not set(live) <= trials:
+            return False
+    return trials <= known
+
+
 def _tune_state(phase: Storage) -> dict[str, pafs.FileInfo]:
     selector = pafs.FileSelector(phase.root, allow_not_found=True)
     return {info.base_name: info for info in phase.fs.get_file_info(selector)
@@ -64,9 +100,9 @@ def has_tune_snapshot(phase: Storage) -> bool:
 
 
 def keep_good_copy(phase: Storage) -> bool:
-    """Copy Tune's driver state into ``last-good/`` if every file of it is whole; False if not."""
+    """Copy Tune's driver state into ``last-good/`` if its files are whole and agree; False if not."""
     files = {name: phase.read_bytes(name) for name in _tune_state(phase)}
-    if not files or not all(is_whole(name, data) for name, data in files.items()):
+    if not files or not all(is_whole(name, data) for name, data in files.items()) or not agrees(files):
         return False
     for name, data in files.items():
         phase.write_bytes(data, GOOD_COPY, name)  # each write is atomic (temporary name, then move)
@@ -91,18 +127,20 @@ def repair_phase(phase: Storage, say: Callable[[str], None]) -> None:
     """Make a phase's Ray snapshots loadable again before Tune restores it (see the module doc)."""
     state = {name: phase.read_bytes(name) for name in _tune_state(phase)}
     damaged = sorted(name for name, data in state.items() if not is_whole(name, data))
-    if damaged:
+    problem = (f"damaged ({', '.join(damaged)})" if damaged else
+               None if agrees(state) else "written at two moments (the driver stopped while copying it)")
+    if problem:
         good = _good_copy_names(phase)
         if not good:
-            raise RuntimeError(f"Tune's experiment state in '{phase.uri}' is damaged ({', '.join(damaged)}) and no "
-                               f"good copy was kept; move the phase folder away and rerun with --resume to "
-                               f"start that phase again (its finished trials are in the Optuna study)")
+            raise RuntimeError(f"Tune's experiment state in '{phase.uri}' is {problem} and no good copy was "
+                               f"kept; move the phase folder away and rerun with --resume to start that phase "
+                               f"again (its finished trials are in the Optuna study)")
         for name in state:
             _set_aside(phase, phase.path(name))
         for name in good:
             phase.write_bytes(phase.read_bytes(GOOD_COPY, name), name)
-        say(f"damaged Tune state ({', '.join(damaged)}) replaced by the last good copy; trials that finished "
-            f"after it are restored as running and finish again from their checkpoints")
+        say(f"Tune state {problem} replaced by the last good copy; trials that finished after it are "
+            f"restored as running and finish again from their checkpoints")
     selector = pafs.FileSelector(phase.path("train"), allow_not_found=True)
     for run in phase.fs.get_file_info(selector):
         snapshot = f"{run.path}/{TRAIN_SNAPSHOT}"
