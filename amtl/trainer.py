@@ -119,6 +119,10 @@ class TrainConfig:
             raise ConfigError(f"unknown sampler '{self.sampler}' (known: {', '.join(SAMPLERS)})")
         if self.num_workers < 0 or self.diagnose_every < 0:
             raise ConfigError("num_workers and diagnose_every must be >= 0")
+        context = sorted(set(self.hparams) & set(balancers.CONTEXT_KEYS))
+        if context:
+            raise ConfigError(f"balancer hyperparameter(s) {', '.join(context)} are set by the run, not by hand "
+                              f"(the training seed is --seed); remove them")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,7 +186,9 @@ class Trainer:
         self.model: MultiTaskModel = build_model(config.model, self.tasks, width=config.width,
                                                  weights_path=config.weights_path).to(self.device)
         broadcast_([*self.model.parameters(), *self.model.buffers()])
-        self.method = balancers.make(config.balancer, tasks=list(config.tasks),
+        # The training seed reaches stochastic methods (RLW's draws, PCGrad's order): each seed of the
+        # seeds phase then samples its own randomness, and DDP ranks share it.
+        self.method = balancers.make(config.balancer, tasks=list(config.tasks), seed=config.seed,
                                      num_instances=self.data.num_instances, **config.hparams)
         self._move_method_state()
         self.collectives = Collectives(self.world_size)

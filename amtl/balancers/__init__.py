@@ -4,10 +4,10 @@
 with its hyperparameter specs. See :mod:`amtl.balancers.base` for the contract.
 """
 from amtl.balancers.base import Aggregator, HParam, HParamError, StepInputs, Weighting, gramian_of
-from amtl.balancers.method import (SOURCES, Method, StepReport, hparam_specs, make, names,
+from amtl.balancers.method import (CONTEXT_KEYS, SOURCES, Method, StepReport, hparam_specs, make, names,
                                    register_aggregator, register_alias, register_weighting, registry)
 from amtl.balancers import aggregators, weightings  # noqa: E402,F401  (registers every method)
 
-__all__ = ["Aggregator", "HParam", "HParamError", "Method", "SOURCES", "StepInputs", "StepReport",
+__all__ = ["Aggregator", "CONTEXT_KEYS", "HParam", "HParamError", "Method", "SOURCES", "StepInputs", "StepReport",
            "Weighting", "gramian_of", "hparam_specs", "make", "names", "register_aggregator",
            "register_alias", "register_weighting", "registry"]

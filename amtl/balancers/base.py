@@ -107,6 +107,9 @@ class _Configurable:
 
     name: ClassVar[str] = ""
     hparams: ClassVar[tuple[HParam, ...]] = ()
+    #: Facts about the run (:data:`amtl.balancers.method.CONTEXT_KEYS`) the class takes as keyword
+    #: arguments of ``__init__``, e.g. the training seed of a stochastic method. Never searched.
+    context: ClassVar[tuple[str, ...]] = ()
 
     def _set_hparams(self, values: Mapping[str, Any]) -> None:
         declared = {h.name: h for h in self.hparams}

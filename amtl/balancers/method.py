@@ -113,28 +113,30 @@ def make(name: str, tasks: Sequence[str], **hparams: Any) -> "Method":
     """Build a method by name, e.g. ``make("amtl+pcgrad", tasks=["segmentation", "depth"], focusing=2)``.
 
     Each hyperparameter goes to the component that declares it; an unknown one is an error.
-    Keyword arguments that are not hyperparameters but context (``num_instances`` for instance-level
-    methods) are passed to weightings that accept them.
+    Keyword arguments that are not hyperparameters but run context (:data:`CONTEXT_KEYS`: the training
+    ``seed`` of stochastic methods, ``num_instances`` of instance-level ones) go to the weighting and
+    the aggregator that declare them in ``context``.
     """
     weighting_name, aggregator_name = _resolve(name)
     specs = hparam_specs(name)
     source = hparams.pop("source", "shared")
     w_cls = _WEIGHTINGS[weighting_name]
-    # Context (facts about the run, not searchable) is offered to every method; only methods that
-    # declare a key in ``context`` receive it.
-    # A key that is also a declared hyperparameter (pcgrad's ``seed``) stays one as well.
-    offered = {k: hparams[k] if k in specs else hparams.pop(k) for k in CONTEXT_KEYS if k in hparams}
-    context = {k: v for k, v in offered.items() if k in getattr(w_cls, "context", ())}
+    offered = {k: hparams.pop(k) for k in CONTEXT_KEYS if k in hparams}
+
+    def context(cls: type) -> dict[str, Any]:
+        return {k: v for k, v in offered.items() if k in cls.context}
+
     unknown = sorted(set(hparams) - set(specs))
     if unknown:
         raise HParamError(f"'{name}' has no hyperparameter {', '.join(map(repr, unknown))} "
                           f"(valid: {', '.join(specs) or 'none'})")
     w_kwargs = {k: v for k, v in hparams.items() if k in {h.name for h in w_cls.hparams}}
-    weighting = w_cls(tasks, **w_kwargs, **context)
+    weighting = w_cls(tasks, **w_kwargs, **context(w_cls))
     aggregator = None
     if aggregator_name is not None:
         a_cls = _AGGREGATORS[aggregator_name]
-        aggregator = a_cls(**{k: v for k, v in hparams.items() if k in {h.name for h in a_cls.hparams}})
+        aggregator = a_cls(**{k: v for k, v in hparams.items() if k in {h.name for h in a_cls.hparams}},
+                           **context(a_cls))
         source = SOURCE_HPARAM.validate(source, name)
     elif source != "shared":
         raise HParamError(f"'{name}' has no gradient aggregator, so 'source' does not apply")

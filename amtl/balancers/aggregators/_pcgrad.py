@@ -2,8 +2,9 @@
 is projected off the normal plane of every other task gradient it conflicts with (negative inner
 product), visiting the others in a random order, and the projected gradients are summed. Each
 projected gradient stays a linear combination of the task gradients, so tracking its coefficients
-needs only the Gramian. The order comes from the aggregator's own seeded generator, saved in
-``state_dict``: runs resume reproducibly, and DDP ranks seeded alike draw the same order.
+needs only the Gramian. The order comes from the aggregator's own generator, seeded by the run's
+training seed (context, not a hyperparameter) and saved in ``state_dict``: runs resume reproducibly,
+DDP ranks draw the same order, and each training seed draws its own orders.
 """
 from __future__ import annotations
 
@@ -14,19 +15,19 @@ import torch
 from torch import Tensor
 
 from amtl.balancers.aggregators._simplex import as_numpy
-from amtl.balancers.base import Aggregator, HParam
+from amtl.balancers.base import Aggregator
 from amtl.balancers.method import register_aggregator
 
 
 @register_aggregator
 class PCGrad(Aggregator):
     name = "pcgrad"
-    hparams = (HParam("seed", "int", 0, low=0, doc="seed of the projection-order generator"),)
-    seed: int
+    context = ("seed",)
+    DEFAULT_SEED = 0
 
-    def __init__(self, **hparams: Any) -> None:
+    def __init__(self, seed: int | None = None, **hparams: Any) -> None:
         super().__init__(**hparams)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(self.DEFAULT_SEED if seed is None else int(seed))
 
     def weights(self, gramian: Tensor) -> Tensor:
         k = as_numpy(gramian)
