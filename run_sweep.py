@@ -15,8 +15,9 @@ import shlex
 import signal
 import sys
 import traceback
-from typing import NoReturn, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
+from amtl.options import OptionsError, add_arguments, from_namespace, read_yaml
 from sweeps.runner import SweepOptions
 
 BAD_INPUT_EXIT, FAILURE_EXIT = 2, 1
@@ -27,61 +28,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(BAD_INPUT_EXIT, f"run_sweep.py: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = SweepOptions()
+def build_parser(config: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command line, one flag per :class:`SweepOptions` field; ``config`` (a ``--config`` file's
+    options) replaces their defaults, so flags given on the command line override the file."""
     p = _Parser(prog="run_sweep.py", description=__doc__.split("\n\n")[0])
-    add = p.add_argument
-    add("--method", "--methods", dest="methods", default=",".join(d.methods),
-        help="comma-separated balancer names, weighting+aggregator combinations, or 'all'")
-    add("--space", default=None, help="search-space YAML overriding search_spaces/")
-    add("--samples", type=int, default=d.samples, help="search trials")
-    add("--seeds", type=int, default=d.seeds, help="seeds for each method's best config")
-    add("--epochs", type=int, default=d.epochs, help="training budget of every trial")
-    add("--dataset", default=d.dataset, help="scenes (rendered, default), nyuv2, voc, or partial "
-        "(sources labelled for different tasks; see README)")
-    add("--data-root", default=None, help="root of a real dataset; partial: voc=DIR,nyuv2=DIR")
-    add("--tasks", default=",".join(d.tasks))
-    add("--model", default=d.model)
-    add("--image-size", type=int, default=d.image_size)
-    add("--n-train", type=int, default=d.n_train)
-    add("--n-val", type=int, default=d.n_val)
-    add("--n-test", type=int, default=d.n_test)
-    add("--batch-size", type=int, default=d.batch_size, help="global batch size (split over workers)")
-    add("--sampler", choices=("random", "task-balanced"), default=d.sampler,
-        help="task-balanced: draw samples of rarely labelled tasks more often (partial dataset)")
-    add("--lr", type=float, default=d.lr)
-    add("--kpi", default=None, help="optimise this task's validation KPI instead of Delta-m")
-    add("--scheduler", choices=("asha", "fifo"), default=d.scheduler)
-    add("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
-    add("--workers-per-trial", type=int, default=d.workers_per_trial, help="DDP workers per trial")
-    add("--cpus-per-trial", type=float, default=d.cpus_per_trial)
-    add("--gpus-per-trial", type=float, default=d.gpus_per_trial, help="may be fractional")
-    add("--address", default=None, help="an existing Ray cluster (default: a local embedded one)")
-    add("--storage", default=d.storage, help="results root: a local dir or a URI pyarrow understands")
-    add("--name", default=d.name, help="sweep name (a folder under --storage)")
-    add("--resume", action="store_true", help="continue the sweep --name in --storage")
-    add("--recompute-potentials", action="store_true", help="retrain single-task models even if cached")
-    add("--wandb-project", default=d.wandb_project)
-    add("--wandb-entity", default=None)
-    add("--no-wandb", action="store_true", help="no W&B runs")
-    add("--optuna-storage", default=None, help="SQLAlchemy URL of the Optuna study (default: SQLite file)")
-    add("--seed", type=int, default=d.seed, help="searcher seed and first training seed")
-    add("--stall-timeout", type=float, default=d.stall_timeout,
-        help="seconds a phase may go without any trial progress (trials waiting for resources, a stuck "
-             "trial) before the sweep ends with an error saying what it waited for; longer than one epoch")
+    p.add_argument("--config", metavar="FILE", help="YAML file of options (keys: the flags' names without '--'; "
+                   "e.g. a sweep's saved <storage>/<name>/sweep.yaml); flags given here override it")
+    add_arguments(p, SweepOptions)
+    if config:
+        p.set_defaults(**config)
     return p
 
 
-def options_from_args(args: argparse.Namespace) -> SweepOptions:
-    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
-    values = vars(args).copy()
-    values["methods"] = split(args.methods)
-    values["tasks"] = split(args.tasks)
-    return SweepOptions(**values)
+def parse_options(argv: Sequence[str] | None = None) -> tuple[SweepOptions, argparse.Namespace]:
+    """Options from ``--config FILE`` (if given) and the flags; the flags win. Exits 2 on bad input."""
+    first = build_parser().parse_args(argv)
+    config = {}
+    if first.config:
+        try:
+            config = read_yaml(first.config, SweepOptions)
+        except OptionsError as err:
+            build_parser().error(str(err))
+    args = build_parser(config).parse_args(argv)
+    return from_namespace(SweepOptions, args), args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    options, args = parse_options(argv)
     command = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.optuna_storage:  # W&B records the command line in every run it starts here
@@ -90,7 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = [a.replace(args.optuna_storage, redact_url(args.optuna_storage)) for a in command]
     from sweeps.cli import BadInput, check_options, connect
     try:
-        options = options_from_args(args)
         check_options(options)
         connect(options.address)
         from sweeps.runner import run

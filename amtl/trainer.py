@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -27,6 +27,7 @@ from amtl.distributed import (Collectives, GlobalBatchSampler, ShardSampler, all
 from amtl.data.registry import DataSplits, build_datasets
 from amtl.models import build_model
 from amtl.models.base import MultiTaskModel
+from amtl.options import option
 from amtl.tasks import Task, delta_m, directions, make_task, task_names
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -49,37 +50,47 @@ class NonFiniteLossError(RuntimeError):
 class TrainConfig:
     """Everything that defines a training run. Budgets are in epochs/steps, never wall-clock."""
 
-    tasks: tuple[str, ...] = ("segmentation", "depth", "normal")
-    dataset: str = "scenes"
-    data_root: str | None = None
-    image_size: int = 64
-    n_train: int = 3000
-    n_val: int = 500
-    n_test: int = 500
-    augment: bool = False
-    model: str = "small"
-    width: int | None = None
-    weights_path: str | None = None
-    balancer: str = "ew"
-    hparams: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 5
-    steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over train)
-    batch_size: int = 32
-    sampler: str = "random"  # or "task-balanced": draw samples so every task's labels are about equally frequent
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    device: str = "auto"
-    amp: bool = True  # autocast on CUDA; ignored on CPU
-    amp_dtype: str = "bfloat16"  # float16 adds a GradScaler (bfloat16 has float32's range and needs none)
-    seed: int = 0  # initialisation, data order and stochastic balancers
-    data_seed: int = 0  # which rendered dataset: fixed across training seeds, so seeds compare like with like
-    num_workers: int = 0
-    threads: int | None = None
-    diagnose_every: int = 0  # gradient cosines/condition number every N steps for loss weightings
-    log_every: int = 20
-    cache_dir: str | None = None
+    # fingerprint=True: changes what a single-task model can reach (the potentials' cache key);
+    # searchable=True: a search space may search it for every method (with bounds in sweeps/space.py).
+    tasks: tuple[str, ...] = option(("segmentation", "depth", "normal"), help="tasks to train")
+    dataset: str = option("scenes", fingerprint=True,
+                          help="scenes (rendered), nyuv2, voc, or partial (sources labelled for different tasks)")
+    data_root: str | None = option(None, fingerprint=True,
+                                   help="dataset root for real datasets; partial: voc=DIR,nyuv2=DIR")
+    image_size: int = option(64, fingerprint=True, help="image side in pixels")
+    n_train: int = option(3000, fingerprint=True, help="training samples")
+    n_val: int = option(500, fingerprint=True, help="validation samples")
+    n_test: int = option(500, fingerprint=True, help="test samples")
+    augment: bool = option(False, fingerprint=True, searchable=True, help="random scale-crop and flip (NYUv2)")
+    model: str = option("small", fingerprint=True, help="small, or a torchvision backbone name")
+    width: int | None = option(None, fingerprint=True, help="channel width of the small model")
+    weights_path: str | None = option(None, fingerprint=True,
+                                      help="local backbone state dict (nothing is downloaded)")
+    balancer: str = option("ew", help="method name, or weighting+aggregator")
+    hparams: dict[str, Any] = option(factory=dict, cli=False, help="balancer hyperparameters")
+    epochs: int = option(5, fingerprint=True, help="training budget in epochs")
+    steps_per_epoch: int | None = option(None, fingerprint=True,
+                                         help="cap on steps per epoch (default: one pass over the training set)")
+    batch_size: int = option(32, fingerprint=True, searchable=True, help="global batch size")
+    sampler: str = option("random", choices=SAMPLERS, help="task-balanced: every task's labels about equally "
+                                                           "often (partially labelled data)")
+    lr: float = option(2e-3, fingerprint=True, searchable=True, help="learning rate")
+    weight_decay: float = option(0.0, fingerprint=True, searchable=True, help="weight decay")
+    optimizer: str = option("adam", choices=OPTIMIZERS, fingerprint=True, searchable=True, help="optimizer")
+    schedule: str = option("cosine", choices=SCHEDULES, fingerprint=True, searchable=True,
+                           help="learning-rate schedule")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    amp: bool = option(True, help="disable autocast on CUDA (ignored on CPU)")
+    amp_dtype: str = option("bfloat16", choices=AMP_DTYPES,
+                            help="autocast dtype on CUDA: bfloat16, or float16 (adds a gradient scaler)")
+    seed: int = option(0, help="initialisation, data order and stochastic balancers")
+    data_seed: int = option(0, fingerprint=True, help="which rendered dataset (kept across --seed, so seeds "
+                                                      "compare like with like)")
+    num_workers: int = option(0, help="data-loader worker processes")
+    threads: int | None = option(None, help="torch CPU threads")
+    diagnose_every: int = option(0, help="gradient cosines/condition number every N steps (0: only for aggregators)")
+    log_every: int = option(20, help="steps between log lines")
+    cache_dir: str | None = option(None, help="where rendered datasets are cached")
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):

@@ -17,13 +17,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
+from amtl.options import names_with
+from amtl.trainer import TrainConfig
 from sweeps.storage import Storage
 
 FILE = "potentials.parquet"
 #: Training options that change what a single-task model can reach (the fingerprint's content).
-FINGERPRINT_FIELDS = ("dataset", "data_root", "image_size", "n_train", "n_val", "n_test", "augment", "data_seed",
-                      "model", "width", "weights_path", "epochs", "steps_per_epoch", "batch_size", "lr",
-                      "weight_decay", "optimizer", "schedule")
+FINGERPRINT_FIELDS = names_with(TrainConfig, "fingerprint")
 
 
 class PotentialsError(ValueError):

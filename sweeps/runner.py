@@ -12,12 +12,15 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from amtl.data.labels import SAMPLERS
+from amtl.options import names_with, option
+from amtl.trainer import TrainConfig
 from sweeps import potentials as pot
 from sweeps.interrupts import Interrupted, StopSignals
 from sweeps.storage import Storage
@@ -40,42 +43,47 @@ class TrialsLost(RuntimeError):
 
 @dataclass
 class SweepOptions:
-    """Everything ``run_sweep.py`` accepts (see its ``--help``)."""
+    """Everything ``run_sweep.py`` accepts: its flags and ``--config`` file keys come from these fields."""
 
-    methods: list[str] = field(default_factory=lambda: ["amtl"])
-    space: str | None = None
-    samples: int = 6
-    seeds: int = 3
-    epochs: int = 3
-    dataset: str = "scenes"
-    data_root: str | None = None
-    tasks: list[str] = field(default_factory=lambda: ["segmentation", "depth", "normal"])
-    model: str = "small"
-    image_size: int = 64
-    n_train: int = 1000
-    n_val: int = 200
-    n_test: int = 200
-    batch_size: int = 32
-    sampler: str = "random"  # or "task-balanced" (partially annotated data)
-    lr: float = 2e-3
-    scheduler: str = "asha"
-    max_concurrent: int | None = None
-    workers_per_trial: int = 1
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    address: str | None = None
-    storage: str = "runs/sweeps"
-    name: str = "amtl-sweep"
-    resume: bool = False
-    recompute_potentials: bool = False
-    wandb_project: str = "amtl-sweep"
-    wandb_entity: str | None = None
-    no_wandb: bool = False
-    optuna_storage: str | None = None
-    kpi: str | None = None
-    seed: int = 0
-    max_failures: int = 2
-    stall_timeout: float = 3600.0
+    methods: list[str] = option(help="balancer names, weighting+aggregator combinations, or 'all'",
+                                factory=lambda: ["amtl"], flag="--method", aliases=("--methods",))
+    space: str | None = option(None, help="search-space YAML overriding search_spaces/")
+    samples: int = option(6, help="search trials")
+    seeds: int = option(3, help="seeds for each method's best config")
+    epochs: int = option(3, help="training budget of every trial")
+    dataset: str = option("scenes", help="scenes (rendered), nyuv2, voc, or partial (sources labelled for "
+                                         "different tasks; see README)")
+    data_root: str | None = option(None, help="root of a real dataset; partial: voc=DIR,nyuv2=DIR")
+    tasks: list[str] = option(help="tasks every trial trains", factory=lambda: ["segmentation", "depth", "normal"])
+    model: str = option("small", help="small, or a torchvision backbone name")
+    image_size: int = option(64, help="image side in pixels")
+    n_train: int = option(1000, help="training samples")
+    n_val: int = option(200, help="validation samples")
+    n_test: int = option(200, help="test samples")
+    batch_size: int = option(32, help="global batch size (split over workers)")
+    sampler: str = option("random", choices=SAMPLERS,
+                          help="task-balanced: draw samples of rarely labelled tasks more often (partial dataset)")
+    lr: float = option(2e-3, help="learning rate where the search space does not search it")
+    scheduler: str = option("asha", choices=("asha", "fifo"), help="Tune's trial scheduler for the search")
+    max_concurrent: int | None = option(None, help="trials at once (default: CPUs / cpus-per-trial)")
+    workers_per_trial: int = option(1, help="DDP workers per trial")
+    cpus_per_trial: float = option(1.0, help="CPUs of one trial, over its workers")
+    gpus_per_trial: float = option(0.0, help="GPUs of one trial, over its workers; may be fractional")
+    address: str | None = option(None, help="an existing Ray cluster (default: a local embedded one)")
+    storage: str = option("runs/sweeps", help="results root: a local dir or a URI pyarrow understands")
+    name: str = option("amtl-sweep", help="sweep name (a folder under --storage)")
+    resume: bool = option(False, help="continue the sweep --name in --storage")
+    recompute_potentials: bool = option(False, help="retrain single-task models even if cached")
+    wandb_project: str = option("amtl-sweep", help="W&B project")
+    wandb_entity: str | None = option(None, help="W&B entity (team or user)")
+    no_wandb: bool = option(False, help="no W&B runs")
+    optuna_storage: str | None = option(None, help="SQLAlchemy URL of the Optuna study (default: SQLite file)")
+    kpi: str | None = option(None, help="optimise this task's validation KPI instead of Delta-m")
+    seed: int = option(0, help="searcher seed and first training seed")
+    max_failures: int = option(2, help="restarts of a trial whose process dies, from its last checkpoint")
+    stall_timeout: float = option(3600.0, help="seconds a phase may go without any trial progress (trials waiting "
+                                               "for resources, a stuck trial) before the sweep ends with an error "
+                                               "saying what it waited for; longer than one epoch")
 
     @property
     def metric(self) -> tuple[str, str]:
@@ -151,6 +159,20 @@ def _recorded_options(options: SweepOptions) -> dict[str, Any]:
     if recorded["optuna_storage"]:
         recorded["optuna_storage"] = redact_url(recorded["optuna_storage"])
     return recorded
+
+
+#: The sweep's resolved options, beside its results: ``run_sweep.py --config`` takes the file.
+CONFIG_FILE = "sweep.yaml"
+
+
+def config_yaml(options: SweepOptions) -> str:
+    """``sweep.yaml``: every option of the sweep (a database URL keeps no password), ``resume`` left out."""
+    from amtl.options import to_yaml
+    recorded = replace(options, optuna_storage=_recorded_options(options)["optuna_storage"])
+    return to_yaml(recorded, skip=("resume",), header=(
+        f"Options of sweep '{options.name}', as run. To run it again: python run_sweep.py --config <this file> "
+        f"(with --resume to continue it,\nor --name NEW for a new sweep with the same options; flags override "
+        f"this file)."))
 
 
 class Sweep:
@@ -373,6 +395,7 @@ class Sweep:
             self.check_cluster_fits()
         self.storage.check_writable()
         self.save_state()
+        self.dir.write_bytes(config_yaml(self.o).encode(), CONFIG_FILE)
         steps = [("potentials", self.run_potentials), ("search", self.run_search), ("seeds", self.run_seeds)]
         potentials = None
         for phase, step in steps:
@@ -413,7 +436,8 @@ class Sweep:
                         directory=str(self.local_dir / "wandb"), mode=resolve_mode(), rows=rows, images=images)
 
 
-SHARED_COLUMNS = ("lr", "weight_decay", "batch_size", "optimizer", "schedule")
+#: Trainer options a search may change for every method: a column each in ``trials.parquet``.
+SHARED_COLUMNS = names_with(TrainConfig, "searchable")
 
 
 def hparam_columns(trials: pd.DataFrame) -> list[str]:

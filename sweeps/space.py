@@ -60,7 +60,8 @@ def _train_default(name: str) -> Any:
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
 
-#: Trainer options a space may search for every method, declared like balancer hyperparameters.
+#: Trainer options a space may search for every method (``searchable`` in TrainConfig's metadata),
+#: declared like balancer hyperparameters, with the bounds a search may use.
 #: ``epochs``/``steps_per_epoch`` are left out on purpose: the budget is the same for every method
 #: in a fair comparison. ``seed`` is never searched.
 SHARED_HPARAMS: dict[str, HParam] = {h.name: h for h in (

@@ -101,9 +101,20 @@ def world(tmp_path_factory):
     }.items():
         (spaces / f"{name}.yaml").write_text(text)
     (spaces / "latin1.yaml").write_bytes("method: amtl\n# réglages\nparams: {}\n".encode("latin-1"))
+    configs = root / "configs"
+    configs.mkdir()
+    for name, text in {
+        "typo": "method: [ew]\nsampels: 4\n",
+        "wrong-type": "samples: six\n",
+        "bad-choice": "scheduler: pbt\n",
+        "malformed": "samples: [4\n",
+        "a-list": "- samples\n",
+        "checked": "epochs: -1\n",  # a valid file: its options get the usual checks
+    }.items():
+        (configs / f"{name}.yaml").write_text(text)
     return {"root": root, "store": store, "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
             "nyu_missing": nyu_missing, "nyu_ragged": nyu_ragged, "nyu_no_depth": nyu_no_depth, "voc": voc,
-            "spaces": spaces}
+            "spaces": spaces, "configs": configs}
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -174,6 +185,13 @@ CASES = [
     ("control-name", ("--name", "a\x1b[31mb"), r"--name 'a\\x1b\[31mb' must be a plain folder name"),
     ("space-is-a-directory", "--space {spaces}", r"--space '.*spaces' is a directory; give one YAML file"),
     ("space-not-utf8", "--space {spaces}/latin1.yaml", r"latin1\.yaml: is not UTF-8 text \(byte 0xe9 at line 2\)"),
+    ("config-missing", "--config {root}/nowhere.yaml", r"config file '.*nowhere\.yaml' does not exist; check the path"),
+    ("config-unknown-option", "--config {configs}/typo.yaml", r"unknown option 'sampels' \(did you mean 'samples'\?\)"),
+    ("config-wrong-type", "--config {configs}/wrong-type.yaml", r"'samples' must be an integer, got 'six'"),
+    ("config-bad-choice", "--config {configs}/bad-choice.yaml", r"'scheduler' must be one of asha, fifo, got 'pbt'"),
+    ("config-malformed", "--config {configs}/malformed.yaml", r"malformed\.yaml' is not valid YAML at line \d+; fix the syntax"),
+    ("config-not-a-mapping", "--config {configs}/a-list.yaml", r"must be a mapping of option names to values"),
+    ("config-checked", "--config {configs}/checked.yaml", r"--epochs must be at least 1, got -1"),
     ("state-empty", "--name empty-state --resume",
      r"state file '.*empty-state/state\.json' is unreadable \(the file is empty\); it has no usable backup, so "
      r"write \{\"done\": \[\]\} into it and rerun with --resume"),

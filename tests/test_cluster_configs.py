@@ -100,18 +100,20 @@ def test_kuberay_pods_run_an_image_that_installs_this_project(kuberay):
     run = [line for line in dockerfile.splitlines() if line.startswith("RUN ") and "pip install" in line]
     assert run and "-c constraints.txt" in run[-1] and '-e ".[postgres]"' in run[-1]
     copied = " ".join(line for line in dockerfile.splitlines() if line.startswith("COPY "))
-    for needed in ("pyproject.toml", "constraints.txt", "run_sweep.py", "amtl", "sweeps", "search_spaces"):
+    for needed in ("pyproject.toml", "constraints.txt", "run_sweep.py", "amtl", "sweeps", "search_spaces",
+                   "cluster/sweep.yaml"):
         assert needed in copied, needed
 
 
 def test_kuberay_job_runs_a_valid_sweep_on_that_cluster(kuberay):
-    from run_sweep import build_parser, options_from_args
+    from run_sweep import parse_options
 
     job = kuberay["RayJob"]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": kuberay["RayCluster"]["metadata"]["name"]}
     words = shlex.split(job["entrypoint"])
     assert words[0] == "python" and words[1].endswith("/run_sweep.py")
-    options = options_from_args(build_parser().parse_args(words[2:]))  # the CLI itself accepts it
+    image_root = words[1].removesuffix("run_sweep.py")  # where the Dockerfile puts the checkout
+    options, _ = parse_options([w.replace(image_root, f"{REPO}/") for w in words[2:]])  # the CLI itself accepts it
     assert options.address == "auto" and options.resume  # a retried submission continues the sweep
     assert options.storage.startswith("s3://") and options.optuna_storage.startswith("postgresql://")
     assert ":" not in options.optuna_storage.split("//", 1)[1].split("@", 1)[0]  # no password in the URL

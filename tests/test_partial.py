@@ -219,14 +219,17 @@ def test_cli_trains_the_partial_dataset(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--tasks", "segmentation,normal"], "dataset 'partial' has no labels for task(s) normal"),
     (["--tasks", "depth", "--n-val", "1"], "needs at least 2 val samples"),
-    (["--tasks", "depth", "--sampler", "uniform"], "unknown sampler 'uniform'"),
+    (["--tasks", "depth", "--sampler", "uniform"], "--sampler: invalid choice: 'uniform'"),
     (["--tasks", "depth", "--data-root", "coco=/x"], "voc=DIR,nyuv2=DIR"),
     (["--tasks", "depth", "--data-root", "voc=/x"], "needs the nyuv2 root"),
 ])
 def test_cli_bad_partial_input_one_line_exit_2(tmp_path, capsys, args, fragment):
     from amtl.train import main
-    code = main(["--out", str(tmp_path / "x"), "--dataset", "partial", "--image-size", "32", "--n-train", "8",
-                 "--n-val", "4", "--n-test", "4", *args])
+    try:
+        code = main(["--out", str(tmp_path / "x"), "--dataset", "partial", "--image-size", "32", "--n-train", "8",
+                     "--n-val", "4", "--n-test", "4", *args])
+    except SystemExit as exit_:  # argparse's own errors (choices)
+        code = exit_.code
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and fragment in err
@@ -312,8 +315,7 @@ def test_sweep_input_check_accepts_partial_without_rendering(tmp_path, monkeypat
 
 
 def test_sweep_passes_the_sampler_to_every_trial():
-    from run_sweep import build_parser, options_from_args
-    options = options_from_args(build_parser().parse_args(
-        ["--dataset", "partial", "--tasks", "segmentation,depth", "--sampler", "task-balanced"]))
+    from run_sweep import parse_options
+    options, _ = parse_options(["--dataset", "partial", "--tasks", "segmentation,depth", "--sampler", "task-balanced"])
     assert options.base_train()["sampler"] == "task-balanced"
-    assert options_from_args(build_parser().parse_args([])).base_train()["sampler"] == "random"
+    assert parse_options([])[0].base_train()["sampler"] == "random"

@@ -105,6 +105,18 @@ def test_wandb_offline_runs_hold_history_and_the_leaderboard_table(sweep):
     assert rows[0]["test_delta_m_mean"] == pytest.approx(sweep["board"]["test_delta_m_mean"].iloc[0])
 
 
+def test_saved_config_reproduces_the_sweeps_options(sweep, tmp_path):
+    """``<sweep>/sweep.yaml`` holds every option; ``--config`` of it gives them back, and flags override it."""
+    from dataclasses import replace
+
+    from run_sweep import parse_options
+
+    saved = sweep["dir"] / "sweep.yaml"
+    assert parse_options(["--config", str(saved)])[0] == sweep["options"]
+    again, _ = parse_options(["--config", str(saved), "--name", "again", "--samples", "5", "--tasks", "depth"])
+    assert again == replace(sweep["options"], name="again", samples=5, tasks=["depth"])
+
+
 def test_leaderboard_files(sweep):
     for name in ("leaderboard.parquet", "leaderboard.md", "leaderboard.png", "weights.png"):
         assert (sweep["dir"] / name).stat().st_size > 0, name

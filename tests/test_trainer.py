@@ -144,7 +144,8 @@ def test_cli_single_run_writes_metrics(tmp_path):
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--model", "vgg"], "unknown model 'vgg'"),
     (["--device", "tpu"], "device must be"),
-    (["--amp-dtype", "half"], "unknown amp_dtype 'half' (known: bfloat16, float16)"),
+    (["--amp-dtype", "half"], "--amp-dtype: invalid choice: 'half' (choose from 'bfloat16', 'float16')"),
+    (["--optimizer", "lbfgs"], "--optimizer: invalid choice: 'lbfgs'"),
 ])
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, args, fragment):
     from amtl.train import main
