@@ -18,7 +18,7 @@ are summed (divided by N^2, see :class:`~amtl.distributed.Collectives`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -154,6 +154,7 @@ class Method:
         self.source = source
         self.tasks = weighting.tasks
         self._last_alpha: dict[str, float] | None = None
+        self._last_inputs: StepInputs | None = None
         #: ``source='shared'``: form the Gramian layer by layer (see ``_layerwise``) where the
         #: encoder allows it; False forces the plain per-task VJPs (same result, for comparisons).
         self.layerwise = True
@@ -162,8 +163,12 @@ class Method:
     def parameters(self) -> list[Tensor]:
         return self.weighting.parameters()
 
-    def after_step(self, step: StepInputs) -> None:
-        self.weighting.after_step(step)
+    def after_step(self, step: StepInputs | None = None) -> None:
+        """Call after the optimizer step (GradNorm and others update themselves here); by default
+        with the inputs of the last :func:`backward` call."""
+        step = step if step is not None else self._last_inputs
+        if step is not None:
+            self.weighting.after_step(step)
 
     def on_epoch_end(self, mean_train_losses: Mapping[str, float]) -> None:
         self.weighting.on_epoch_end(mean_train_losses)
@@ -299,6 +304,30 @@ class Method:
             weighted = torch.stack([a * terms[t] for a, t in zip(alpha.to(terms[tasks[0]].dtype), tasks)]).sum()
             torch.autograd.backward(weighted, inputs=step.shared_params)
         return report
+
+
+def backward(method: Method, losses: Mapping[str, Tensor], shared: Iterable[Tensor], heads: Iterable[Tensor],
+             representation: Tensor | None = None, last_shared: Iterable[Tensor] = (), step: int = 0,
+             epoch: int = 0) -> StepReport:
+    """One balancer step inside your own training loop: fill ``.grad`` of ``shared`` and ``heads``.
+
+    ``losses``: each task's scalar loss; ``shared``: the parameters all tasks use (the encoder);
+    ``heads``: the task-specific ones (each receives its own task's gradient). ``representation``,
+    the encoder output the heads read, lets gradient methods traverse each head once and is needed
+    for ``source='representation'``; ``last_shared`` for ``source='last'``. Then call
+    ``optimizer.step()`` and ``method.after_step()``; give validation KPIs (higher is better) to
+    ``method.on_validation`` for methods that read them (AMTL, DTP), and each epoch's mean training
+    losses to ``method.on_epoch_end`` (DWA). The optimizer also updates ``method.parameters()`` (UW).
+    """
+    if method.weighting.context and "num_instances" in method.weighting.context:
+        raise HParamError(f"'{method.name}' weights single training samples; it runs in amtl's Trainer, "
+                          f"which feeds it sample ids and per-sample losses")
+    inputs = StepInputs(losses=dict(losses), shared_params=list(shared), task_params=list(heads),
+                        last_shared_params=list(last_shared), representation=representation, step=step,
+                        epoch=epoch)
+    report = method.backward(inputs)
+    method._last_inputs = inputs  # for after_step(); the Trainer passes its inputs itself
+    return report
 
 
 def _report_alpha(method: Method, tasks: list[str], alpha: Tensor, gramian: Tensor) -> StepReport:
