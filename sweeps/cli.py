@@ -35,7 +35,7 @@ def check_options(o: SweepOptions) -> None:
         raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.tasks)})")
     if o.space is not None and Path(o.space).is_dir():
         raise SweepError(f"--space '{o.space}' is a directory; give one YAML file (a method file, or a sweep "
-                         f"file like search_spaces/all.yaml)")
+                         f"file like sweeps/search_spaces/all.yaml)")
     if o.space is not None and not Path(o.space).is_file():
         raise SweepError(f"--space file '{o.space}' does not exist; check the path")
     if not o.address:  # an embedded cluster has this machine's resources, no more

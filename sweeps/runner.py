@@ -47,7 +47,7 @@ class SweepOptions:
 
     methods: list[str] = option(help="balancer names, weighting+aggregator combinations, or 'all'",
                                 factory=lambda: ["amtl"], flag="--method", aliases=("--methods",))
-    space: str | None = option(None, help="search-space YAML overriding search_spaces/")
+    space: str | None = option(None, help="search-space YAML overriding the built-in ones (sweeps/search_spaces/)")
     samples: int = option(6, help="search trials")
     seeds: int = option(3, help="seeds for each method's best config")
     epochs: int = option(3, help="training budget of every trial")

@@ -1,6 +1,6 @@
 """Search spaces as data: YAML files validated against the balancer registry, sampled by Optuna.
 
-``search_spaces/<method>.yaml`` holds one method's hyperparameter distributions, ``all.yaml`` the
+``sweeps/search_spaces/<method>.yaml`` holds one method's hyperparameter distributions, ``all.yaml`` the
 method list of ``--method all`` and the trainer options searched for every method (``shared``).
 :func:`load_space` reads and validates them (every mistake is one :class:`SpaceError` line naming
 the file, the key and the fix); :meth:`SearchSpace.define_by_run` is the conditional Optuna space:
@@ -9,7 +9,7 @@ it picks a method, then suggests only that method's hyperparameters, then the sh
 Method hyperparameters get Optuna names ``"<method>:<hparam>"`` so that TPE models ``amtl``'s
 ``focusing`` and ``dtp``'s ``focusing`` separately; :func:`split_config` is the one place that
 strips the prefix again. Registry names are never renamed (``focusing`` stays ``focusing``).
-See ``search_spaces/README.md`` for the file format.
+See ``sweeps/search_spaces/README.md`` for the file format.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # Ray Tune is imported only when a searcher is built (it is s
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data: found in a wheel install too
 ALL = "all"
 METHOD_KEY = "method"
 SEP = ":"  # "<method>:<hparam>"; no method or hparam name contains it

@@ -58,7 +58,7 @@ def test_aws_setup_installs_this_project_with_the_constraints_file(aws):
     assert len(installs) == 1
     words = shlex.split(installs[0])
     assert words[words.index("-c") + 1] == "~/amtl-sweep/constraints.txt"
-    assert '-e "$HOME/amtl-sweep[postgres]"' in installs[0]  # editable: sweeps/ finds search_spaces/
+    assert '-e "$HOME/amtl-sweep[postgres]"' in installs[0]  # editable: synced code takes effect
 
 
 def test_aws_nodes_start_with_token_auth_and_secrets_from_the_environment(aws):
@@ -98,10 +98,10 @@ def test_kuberay_pods_run_an_image_that_installs_this_project(kuberay):
     base = re.search(r"^FROM rayproject/ray:(\S+?)-", dockerfile, re.M)
     assert base and base.group(1) == cluster["spec"]["rayVersion"]  # the image's Ray is the declared one
     run = [line for line in dockerfile.splitlines() if line.startswith("RUN ") and "pip install" in line]
-    assert run and "-c constraints.txt" in run[-1] and '-e ".[postgres]"' in run[-1]
+    # A regular install, as a user's: the search spaces must come as package data.
+    assert run and "-c constraints.txt" in run[-1] and '".[postgres]"' in run[-1] and " -e " not in run[-1]
     copied = " ".join(line for line in dockerfile.splitlines() if line.startswith("COPY "))
-    for needed in ("pyproject.toml", "constraints.txt", "run_sweep.py", "amtl", "sweeps", "search_spaces",
-                   "cluster/sweep.yaml"):
+    for needed in ("pyproject.toml", "constraints.txt", "run_sweep.py", "amtl", "sweeps", "cluster/sweep.yaml"):
         assert needed in copied, needed
 
 
@@ -111,9 +111,9 @@ def test_kuberay_job_runs_a_valid_sweep_on_that_cluster(kuberay):
     job = kuberay["RayJob"]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": kuberay["RayCluster"]["metadata"]["name"]}
     words = shlex.split(job["entrypoint"])
-    assert words[0] == "python" and words[1].endswith("/run_sweep.py")
-    image_root = words[1].removesuffix("run_sweep.py")  # where the Dockerfile puts the checkout
-    options, _ = parse_options([w.replace(image_root, f"{REPO}/") for w in words[2:]])  # the CLI itself accepts it
+    assert words[0] == "amtl-sweep"  # the command the image's install puts on the PATH
+    image_root = re.search(r"^WORKDIR (\S+)$", (CLUSTER / "Dockerfile").read_text(), re.M).group(1)
+    options, _ = parse_options([w.replace(image_root, str(REPO)) for w in words[1:]])  # the CLI itself accepts it
     assert options.address == "auto" and options.resume  # a retried submission continues the sweep
     assert options.storage.startswith("s3://") and options.optuna_storage.startswith("postgresql://")
     assert ":" not in options.optuna_storage.split("//", 1)[1].split("@", 1)[0]  # no password in the URL
