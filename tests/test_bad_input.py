@@ -82,9 +82,7 @@ def world(tmp_path_factory):
     import shutil
     shutil.rmtree(voc / "VOCdevkit" / "VOC2012" / "ImageSets")
 
-    spaces = root / "spaces"
-    spaces.mkdir()
-    for name, text in {
+    spaces = _yaml_files(root / "spaces", {
         "malformed": "method: amtl\nparams: {focusing: {distribution: uniform, low: 1\n",
         "unknown-hparam": "method: amtl\nparams:\n  focus: {distribution: uniform, low: 1, high: 2}\n",
         "wrong-type": "method: amtl\nparams:\n  focusing: {distribution: uniform, low: one, high: 2}\n",
@@ -98,23 +96,26 @@ def world(tmp_path_factory):
         "shared-epochs": "methods: [amtl]\nshared:\n  epochs: {distribution: int, low: 1, high: 3}\n",
         "not-a-mapping": "- just\n- a list\n",
         "out-of-range": "methods: [amtl]\nshared:\n  lr: {distribution: loguniform, low: 1.0e-3, high: 10.0}\n",
-    }.items():
-        (spaces / f"{name}.yaml").write_text(text)
+    })
     (spaces / "latin1.yaml").write_bytes("method: amtl\n# réglages\nparams: {}\n".encode("latin-1"))
-    configs = root / "configs"
-    configs.mkdir()
-    for name, text in {
+    configs = _yaml_files(root / "configs", {
         "typo": "method: [ew]\nsampels: 4\n",
         "wrong-type": "samples: six\n",
         "bad-choice": "scheduler: pbt\n",
         "malformed": "samples: [4\n",
         "a-list": "- samples\n",
         "checked": "epochs: -1\n",  # a valid file: its options get the usual checks
-    }.items():
-        (configs / f"{name}.yaml").write_text(text)
+    })
     return {"root": root, "store": store, "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
             "nyu_missing": nyu_missing, "nyu_ragged": nyu_ragged, "nyu_no_depth": nyu_no_depth, "voc": voc,
             "spaces": spaces, "configs": configs}
+
+
+def _yaml_files(folder: Path, texts: dict[str, str]) -> Path:
+    folder.mkdir()
+    for name, text in texts.items():
+        (folder / f"{name}.yaml").write_text(text)
+    return folder
 
 
 def _snapshot(root: Path) -> dict[str, str]:
