@@ -127,7 +127,7 @@ def test_leaderboard_files(sweep):
     assert "amtl" in (sweep["dir"] / "leaderboard.md").read_text()
 
 
-def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep):
+def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep, capsys):
     storage = sweep["storage"]
     options = SweepOptions(methods=["amtl"], samples=2, seeds=1, storage=str(storage), name="second", **TINY)
     messages = []
@@ -146,10 +146,14 @@ def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep
 
     with pytest.raises(ValueError, match="already exists.*--resume"):
         run(options, say=lambda m: None)
-    options.resume = True
-    messages.clear()
-    run(options, say=messages.append)
-    assert any(m.startswith("[search] already done") for m in messages)
+    # The resume goes through the Python API, as from a notebook: checked options, the leaderboard back.
+    import sweeps
+    with pytest.raises(ValueError, match="--samples must be at least 1"):
+        sweeps.sweep(options, resume=True, samples=0)
+    capsys.readouterr()
+    board = sweeps.sweep(options, resume=True)
+    assert "[search] already done" in capsys.readouterr().out
+    assert list(board["method"]) == ["amtl"] and board.loc[0, "n_seeds"] == 1
     after = pd.read_parquet(storage / "second" / "trials.parquet")
     search_after = after[after["phase"] == "search"].sort_values("trial_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(search_after, before.sort_values("trial_id").reset_index(drop=True),
