@@ -55,9 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     hparams = _json_arg(args.hparams, "--hparams") if args.hparams else {}
-    if args.potentials:
-        hparams["potentials"] = _json_arg(args.potentials, "--potentials")
-    return from_namespace(TrainConfig, args, hparams=hparams)
+    potentials = _json_arg(args.potentials, "--potentials") if args.potentials else None
+    return from_namespace(TrainConfig, args, hparams=hparams, potentials=potentials)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

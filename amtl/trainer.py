@@ -68,6 +68,8 @@ class TrainConfig:
                                       help="local backbone state dict (nothing is downloaded)")
     balancer: str = option("ew", help="method name, or weighting+aggregator")
     hparams: dict[str, Any] = option(factory=dict, cli=False, help="balancer hyperparameters")
+    potentials: dict[str, float] | None = option(None, cli=False,
+                                                 help="single-task KPI of each task (run context of AMTL)")
     epochs: int = option(5, fingerprint=True, help="training budget in epochs")
     steps_per_epoch: int | None = option(None, fingerprint=True,
                                          help="cap on steps per epoch (default: one pass over the training set)")
@@ -133,7 +135,7 @@ class TrainConfig:
         context = sorted(set(self.hparams) & set(balancers.CONTEXT_KEYS))
         if context:
             raise ConfigError(f"balancer hyperparameter(s) {', '.join(context)} are set by the run, not by hand "
-                              f"(the training seed is --seed); remove them")
+                              f"(give the training seed as --seed, the potentials as --potentials); remove them")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,7 +202,8 @@ class Trainer:
         # The training seed reaches stochastic methods (RLW's draws, PCGrad's order): each seed of the
         # seeds phase then samples its own randomness, and DDP ranks share it.
         self.method = balancers.make(config.balancer, tasks=list(config.tasks), seed=config.seed,
-                                     num_instances=self.data.num_instances, **config.hparams)
+                                     num_instances=self.data.num_instances, potentials=config.potentials,
+                                     **config.hparams)
         self._move_method_state()
         self.collectives = Collectives(self.world_size)
         self.optimizer = self._make_optimizer()

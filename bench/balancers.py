@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from amtl.balancers import StepInputs, hparam_specs, make
+from amtl.balancers import StepInputs, make
 from amtl.balancers.method import _AGGREGATORS, _WEIGHTINGS, SOURCES
 from amtl.models import build_model
 from amtl.tasks import make_task
@@ -65,7 +65,7 @@ def variants(engines: bool = False) -> list[tuple[str, str, dict]]:
         kw: dict = {}
         if "num_instances" in getattr(_WEIGHTINGS[w], "context", ()):
             kw["num_instances"] = 64
-        if "potentials" in hparam_specs(w):
+        if "potentials" in _WEIGHTINGS[w].context:
             kw["potentials"] = {t: 1.0 for t in TASKS}
         out.append((w, w, kw))
     for a in sorted(_AGGREGATORS):

@@ -444,7 +444,7 @@ def hparam_columns(trials: pd.DataFrame) -> list[str]:
     """Columns of ``trials`` that are hyperparameters (balancer ones and shared trainer options)."""
     from amtl.balancers import registry
     names = {h for specs in registry().values() for h in specs} | set(SHARED_COLUMNS)
-    return [c for c in trials.columns if c in names and c != "potentials"]
+    return [c for c in trials.columns if c in names]
 
 
 def _finite(value: Any) -> bool:
@@ -478,8 +478,7 @@ def collect(grid: Any, phase: str, train_storage: str | None = None) -> tuple[li
         }
         # Hyperparameters keep their registry/trainer names as columns (metric columns contain "/").
         for key, value in hparams.items():
-            if key != "potentials":
-                row[key] = value
+            row[key] = value
         for key in SHARED_COLUMNS:
             row[key] = train.get(key)
         for key, value in metrics.items():

@@ -167,6 +167,7 @@ def run_trial(config: dict[str, Any]) -> None:
         spec["wandb"] = {**spec["wandb"], "run_id": trial_id, "name": trial_id,
                          "tags": [method],
                          "config": {"balancer": method, **_loggable(train["hparams"]),
+                                    **_loggable({"potentials": train.get("potentials") or {}}),
                                     **{k: train[k] for k in ("lr", "weight_decay", "batch_size", "seed") if k in train}}}
     loop_config = {**spec, "train": train}
     trainer = TorchTrainer(
@@ -207,7 +208,7 @@ def resolve_trial(config: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[
     Optuna suggested (search), ``override`` (potentials: one task, EW) or ``seeded``
     (``{"searched": ..., "seed": s}``: a search winner rerun with another seed).
     """
-    from amtl.balancers import hparam_specs
+    from amtl.balancers import context_keys
     from sweeps.space import split_config
 
     spec = config[TRIAL_KEY]
@@ -225,14 +226,14 @@ def resolve_trial(config: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[
         train["hparams"] = {**train.get("hparams", {}), **hparams}
     method = train.get("balancer", "ew")
     hparams = dict(train.get("hparams", {}))
-    if spec.get("potentials") and "potentials" in hparam_specs(method):
-        hparams["potentials"] = spec["potentials"]
+    if spec.get("potentials") and "potentials" in context_keys(method):
+        train["potentials"] = spec["potentials"]
     train["hparams"] = hparams
     return train, method, hparams, searched
 
 
 def _loggable(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Hyperparameters as W&B config values (the potentials mapping becomes one entry per task)."""
+    """Hyperparameters as W&B config values (a mapping, e.g. the potentials, becomes one entry per key)."""
     out: dict[str, Any] = {}
     for key, value in hparams.items():
         if isinstance(value, Mapping):

@@ -26,12 +26,11 @@ def _cases() -> dict[str, tuple[str, dict]]:
     """``{case id: (method, hparams)}``: every registry name, aggregators once per gradient source."""
     cases = {}
     for name, specs in balancers.registry().items():
-        base = {"potentials": POTENTIALS} if "potentials" in specs else {}
         if "source" in specs:
             for source in balancers.SOURCES:
-                cases[f"{name}[{source}]"] = (name, {**base, "source": source})
+                cases[f"{name}[{source}]"] = (name, {"source": source})
         else:
-            cases[name] = (name, base)
+            cases[name] = (name, {})
     return cases
 
 
@@ -42,8 +41,9 @@ def config(balancer: str, hparams: dict) -> TrainConfig:
     # Two epochs of one step each: the second step reads balancer state the first one (and the
     # epoch-end and validation events) changed. SGD keeps the parameter change linear in the
     # gradient, so a tolerance on it is meaningful (Adam's first steps are sign-like).
+    potentials = POTENTIALS if "potentials" in balancers.context_keys(balancer) else None
     return TrainConfig(tasks=TASKS, **DATA, batch_size=8, epochs=2, steps_per_epoch=1, optimizer="sgd", lr=0.05,
-                       balancer=balancer, hparams=hparams, threads=1, log_every=1)
+                       balancer=balancer, hparams=hparams, potentials=potentials, threads=1, log_every=1)
 
 
 def _free_port() -> int:

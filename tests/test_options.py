@@ -36,6 +36,10 @@ def test_the_command_line_reads_back_into_the_dataclass():
                                             "--steps-per-epoch", "7"])
     config = train.config_from_args(args)
     assert config == replace(TrainConfig(), tasks=("depth", "normal"), amp=False, lr=0.1, steps_per_epoch=7)
+    args = train.build_parser().parse_args(["--out", "x", "--balancer", "amtl", "--hparams", '{"focusing": 3}',
+                                            "--potentials", '{"depth": 0.5}'])
+    config = train.config_from_args(args)  # the potentials are run context, not a hyperparameter
+    assert config.hparams == {"focusing": 3} and config.potentials == {"depth": 0.5}
     options, _ = run_sweep.parse_options(["--methods", "ew,amtl+pcgrad", "--no-wandb", "--max-concurrent", "3"])
     assert options == replace(SweepOptions(), methods=["ew", "amtl+pcgrad"], no_wandb=True, max_concurrent=3)
 

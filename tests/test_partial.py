@@ -189,8 +189,8 @@ def test_a_task_absent_from_the_whole_batch_contributes_nothing(name, hparams):
 @pytest.mark.parametrize("balancer, sampler", [("amtl", "task-balanced"), ("gls", "random"), ("mgda", "task-balanced"),
                                                ("pcgrad", "random"), ("amtl+mgda", "random")])
 def test_all_three_tasks_train(tmp_path, balancer, sampler):
-    hparams = {"potentials": POTENTIALS} if balancer.startswith("amtl") else {}
-    result = Trainer(tiny(balancer=balancer, hparams=hparams, sampler=sampler, epochs=2), tmp_path,
+    potentials = POTENTIALS if balancer.startswith("amtl") else None
+    result = Trainer(tiny(balancer=balancer, potentials=potentials, sampler=sampler, epochs=2), tmp_path,
                      progress=None).fit()
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 6

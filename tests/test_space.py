@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from amtl.balancers import hparam_specs, make, names
+from amtl.balancers import context_keys, hparam_specs, make, names
 from sweeps.space import (ALL, METHOD_KEY, SHARED_HPARAMS, SPACE_DIR, SearchSpace, SpaceError,
                           load_space, make_sampler, make_searcher, qualify, split_config)
 
@@ -65,10 +65,9 @@ def _objective(space: SearchSpace):
         constants = space.define_by_run(trial)
         method, hparams, shared = split_config({**trial.params, **constants})
         # What the trial gets is a valid method: the registry builds it with these hparams
-        # (potentials are a constant from upstream trials, never part of the space).
-        if "potentials" in hparam_specs(method):
-            hparams["potentials"] = {t: 0.5 for t in TASKS}
-        make(method, TASKS, **hparams)
+        # (potentials are run context from upstream trials, never part of the space).
+        potentials = {t: 0.5 for t in TASKS} if "potentials" in context_keys(method) else None
+        make(method, TASKS, potentials=potentials, **hparams)
         assert set(shared) == set(space.shared)
         return sum(v for v in trial.params.values() if isinstance(v, float))
     return objective

@@ -194,6 +194,16 @@ def test_the_training_seed_reaches_stochastic_balancers(tmp_path):
     assert orders[1][0] != orders[2][0]
 
 
-def test_a_balancer_seed_set_by_hand_is_refused():
+@pytest.mark.parametrize("balancer, hparams", [("pcgrad", {"seed": 3}), ("amtl", {"potentials": {"depth": 0.5}})])
+def test_run_context_given_as_a_hyperparameter_is_refused(balancer, hparams):
     with pytest.raises(ConfigError, match="set by the run"):
-        tiny(balancer="pcgrad", hparams={"seed": 3}).validate()
+        tiny(balancer=balancer, hparams=hparams).validate()
+
+
+def test_run_context_is_not_a_hyperparameter():
+    """Hyperparameters are what a search may change; the seed and the potentials are the run's."""
+    from amtl import balancers
+    assert "potentials" not in balancers.hparam_specs("amtl") and "seed" not in balancers.hparam_specs("pcgrad")
+    assert balancers.context_keys("amtl") == {"potentials"}
+    assert balancers.context_keys("amtl+pcgrad") == {"potentials", "seed"}
+    assert balancers.context_keys("ew") == set()

@@ -29,7 +29,7 @@ from amtl.balancers.base import (Aggregator, HParam, HParamError, Rows, StepInpu
 
 SOURCES = ("shared", "last", "representation")
 #: Keyword arguments of :func:`make` that describe the run rather than the method.
-CONTEXT_KEYS = ("num_instances", "seed")
+CONTEXT_KEYS = ("num_instances", "seed", "potentials")
 SOURCE_HPARAM = HParam("source", "str", "shared", choices=SOURCES,
                        doc="gradients the aggregator sees: all shared parameters, the last shared "
                            "layer, or the shared representation (UB)")
@@ -104,6 +104,13 @@ def hparam_specs(name: str) -> dict[str, HParam]:
     return specs
 
 
+def context_keys(name: str) -> set[str]:
+    """The run context (:data:`CONTEXT_KEYS`) a method name reads, e.g. ``{"potentials"}`` for AMTL."""
+    weighting, aggregator = _resolve(name)
+    keys = set(_WEIGHTINGS[weighting].context)
+    return keys | set(_AGGREGATORS[aggregator].context) if aggregator is not None else keys
+
+
 def registry() -> dict[str, dict[str, HParam]]:
     """Every method name with its hyperparameter specs."""
     return {n: hparam_specs(n) for n in names()}
@@ -114,8 +121,8 @@ def make(name: str, tasks: Sequence[str], **hparams: Any) -> "Method":
 
     Each hyperparameter goes to the component that declares it; an unknown one is an error.
     Keyword arguments that are not hyperparameters but run context (:data:`CONTEXT_KEYS`: the training
-    ``seed`` of stochastic methods, ``num_instances`` of instance-level ones) go to the weighting and
-    the aggregator that declare them in ``context``.
+    ``seed`` of stochastic methods, ``num_instances`` of instance-level ones, the single-task
+    ``potentials`` of AMTL) go to the weighting and the aggregator that declare them in ``context``.
     """
     weighting_name, aggregator_name = _resolve(name)
     specs = hparam_specs(name)

@@ -18,12 +18,12 @@ def data():
     return build_datasets("scenes", TASKS, image_size=32, n_train=32, n_val=8, n_test=8)
 
 
-def hparams_for(name: str) -> dict:
-    return {"potentials": POTENTIALS} if "potentials" in balancers.hparam_specs(name) else {}
+def potentials_for(name: str) -> dict | None:
+    return POTENTIALS if "potentials" in balancers.context_keys(name) else None
 
 
 def train_one_epoch(name: str, data, **extra) -> Trainer:
-    trainer = Trainer(TrainConfig(balancer=name, hparams={**hparams_for(name), **extra}, **CONFIG), None,
+    trainer = Trainer(TrainConfig(balancer=name, hparams=extra, potentials=potentials_for(name), **CONFIG), None,
                       data=data, progress=None)
     before = [p.detach().clone() for p in trainer.model.shared_parameters()]
     result = trainer.fit()

@@ -19,7 +19,7 @@ exponents are renormalised over the present ones; the arithmetic sum just leaves
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -45,18 +45,17 @@ class AchievementBasedMTL(KpiEma, Weighting):
     geometric = True
     needs_kpis = True
     needs_potentials = True
+    context = ("potentials",)  # {task: single-task KPI > 0}, in the units of the validation KPIs
     hparams = (
         HParam("focusing", "float", 2.0, low=0.01, high=10.0, log=True,
                doc="focal exponent on the unachieved fraction 1 - kappa/p"),
         HParam("margin", "float", 0.05, low=0.0, high=1.0,
                doc="potentials are raised by this fraction, so tasks keep a little priority at their potential"),
-        HParam("potentials", "mapping", None,
-               doc="{task: single-task KPI}, required; each > 0, in the same units as the validation KPIs"),
     )
 
-    def __init__(self, tasks: Sequence[str], **hparams: Any) -> None:
+    def __init__(self, tasks: Sequence[str], potentials: Mapping[str, float] | None = None, **hparams: Any) -> None:
         super().__init__(tasks, **hparams)
-        given = self.potentials or {}
+        given = potentials or {}
         missing = [t for t in self.tasks if t not in given]
         bad = [t for t in self.tasks if t in given and not (math.isfinite(given[t]) and given[t] > 0)]
         if missing or bad:
@@ -65,8 +64,9 @@ class AchievementBasedMTL(KpiEma, Weighting):
                 parts.append(f"missing for {', '.join(missing)}")
             if bad:
                 parts.append(f"not a positive number for {', '.join(f'{t}={given[t]!r}' for t in bad)}")
-            raise HParamError(f"'{self.name}' needs hyperparameter 'potentials' = {{task: single-task KPI > 0}} "
-                              f"for every task; {'; '.join(parts)}")
+            raise HParamError(f"'{self.name}' needs the single-task potentials {{task: KPI > 0}} of every task "
+                              f"(run context: a sweep's potentials phase, or amtl.train --potentials); "
+                              f"{'; '.join(parts)}")
         # Potentials of tasks not trained in this run are ignored (one potentials file per dataset).
         self.potentials = {t: float(given[t]) for t in self.tasks}
         self._init_kappa()
