@@ -136,9 +136,8 @@ class _Configurable:
 class Weighting(_Configurable):
     """Turns task losses into per-task objective terms; subclasses implement :meth:`terms`."""
 
-    #: Whether the method reads validation KPIs / needs single-task potentials.
+    #: Whether the method reads validation KPIs (the potentials it needs are run context: ``context``).
     needs_kpis: ClassVar[bool] = False
-    needs_potentials: ClassVar[bool] = False
 
     def __init__(self, tasks: Sequence[str], **hparams: Any) -> None:
         if not tasks:

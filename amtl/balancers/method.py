@@ -195,10 +195,6 @@ class Method:
     def needs_kpis(self) -> bool:
         return self.weighting.needs_kpis
 
-    @property
-    def needs_potentials(self) -> bool:
-        return self.weighting.needs_potentials
-
     def state_dict(self) -> dict[str, Any]:
         state = {"weighting": self.weighting.state_dict()}
         if self.aggregator is not None:
@@ -326,7 +322,7 @@ def backward(method: Method, losses: Mapping[str, Tensor], shared: Iterable[Tens
     ``method.on_validation`` for methods that read them (AMTL, DTP), and each epoch's mean training
     losses to ``method.on_epoch_end`` (DWA). The optimizer also updates ``method.parameters()`` (UW).
     """
-    if method.weighting.context and "num_instances" in method.weighting.context:
+    if "num_instances" in method.weighting.context:
         raise HParamError(f"'{method.name}' weights single training samples; it runs in amtl's Trainer, "
                           f"which feeds it sample ids and per-sample losses")
     inputs = StepInputs(losses=dict(losses), shared_params=list(shared), task_params=list(heads),

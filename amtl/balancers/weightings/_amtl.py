@@ -44,7 +44,6 @@ class AchievementBasedMTL(KpiEma, Weighting):
     name = "amtl"
     geometric = True
     needs_kpis = True
-    needs_potentials = True
     context = ("potentials",)  # {task: single-task KPI > 0}, in the units of the validation KPIs
     hparams = (
         HParam("focusing", "float", 2.0, low=0.01, high=10.0, log=True,
