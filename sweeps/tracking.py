@@ -15,8 +15,9 @@ returning, but wandb-core writes an offline log in whole 32 KiB blocks (a partia
 the process that started it, dropping that buffer. Trials therefore use a wandb-core of their own
 process started *detached* (own session, so also out of reach of a process-group kill): once its
 client is gone it idles ``SERVICE_IDLE_TIMEOUT_S`` seconds, then closes the stream, which writes
-history, summary (latest values) and exit record. If that service cannot be started, wandb's own is
-used, as before.
+history, summary (latest values) and exit record. A short-lived launcher process starts it and
+exits, so it is not a child of the trial either: Ray kills the child processes of a worker it ends.
+If that service cannot be started, wandb's own is used, as before.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ import math
 import netrc
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import urllib.request
 import uuid
@@ -53,9 +57,20 @@ _PROBE_TIMEOUT_S = 2.0
 # it closes the open runs. It also counts from the service's start, so it must cover the connect.
 SERVICE_IDLE_TIMEOUT_S = 3
 _SERVICE_ENV = "WANDB_SERVICE"  # wandb.env.SERVICE: the service a new wandb connection uses
+# Interpreter start and ``import wandb`` (~0.4 s) plus wandb's own wait for the core (30 s by default).
+_LAUNCH_TIMEOUT_S = 60.0
+# Run by the launcher: start a detached wandb-core, print its pid and WANDB_SERVICE token, exit.
+# (wandb's handle shows the pid only on its Popen; any error makes the launcher fail, hence the fallback.)
+_LAUNCHER = """
+import sys, wandb
+from wandb.sdk.lib.service import service_process
+core = service_process.start_detached(wandb.Settings(), idle_timeout=sys.argv[1])
+print(core._process.pid, core.token.env_value, flush=True)
+"""
+_HAVE_PROC = Path("/proc/self/cmdline").exists()
 
-# The detached wandb-core this process started (a wandb ServiceProcess) and the pid that started it.
-_service: Any = None
+# The detached wandb-core this process started (its pid and WANDB_SERVICE token) and the pid that started it.
+_service: tuple[int, str] | None = None
 _service_pid: int | None = None
 _service_broken = False
 _service_lock = threading.Lock()
@@ -112,12 +127,41 @@ def resolve_mode(requested: str | None = None) -> str:
     return "online" if _api_key() else "offline"
 
 
+def _core_running(pid: int) -> bool:
+    """Whether wandb-core ``pid`` runs. It is not our child, so there is no handle to poll."""
+    if _HAVE_PROC:  # a zombie's cmdline is empty; a reused pid is another program
+        try:
+            return b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def _service_alive() -> bool:
     """Whether this process's detached wandb-core is running (False when there is none)."""
     if _service is None or _service_pid != os.getpid():  # a forked child does not own its parent's
         return False
-    process = getattr(_service, "_process", None)  # the Popen; wandb's handle exposes no poll()
-    return process is None or process.poll() is None
+    return _core_running(_service[0])
+
+
+def _launch_service() -> tuple[int, str]:
+    """Start a detached wandb-core through a launcher process; return its pid and WANDB_SERVICE token.
+
+    The launcher exits once the core listens, so the core's parent becomes init (or a subreaper):
+    whoever kills this process's children (Ray, ending a worker) does not reach it.
+    """
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, f"{SERVICE_IDLE_TIMEOUT_S}s"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=_LAUNCH_TIMEOUT_S)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        error = done.stderr.strip().splitlines()
+        raise RuntimeError(f"launcher exited with {done.returncode}: {error[-1] if error else 'no output'}")
+    pid, token = lines[-1].split(" ", 1)
+    return int(pid), token
 
 
 def _service_token() -> str | None:
@@ -129,7 +173,7 @@ def _service_token() -> str | None:
     global _service, _service_pid, _service_broken
     with _service_lock:
         current = os.environ.get(_SERVICE_ENV)
-        token = _service.token.env_value if _service_alive() else None
+        token = _service[1] if _service is not None and _service_alive() else None
         if current and current != token:
             return None
         if token:
@@ -137,12 +181,9 @@ def _service_token() -> str | None:
         if _service_broken:
             return None
         try:
-            import wandb
-            from wandb.sdk.lib.service import service_process
-
-            _service = service_process.start_detached(wandb.Settings(), idle_timeout=f"{SERVICE_IDLE_TIMEOUT_S}s")
+            _service = _launch_service()
             _service_pid = os.getpid()
-            return _service.token.env_value
+            return _service[1]
         except Exception as e:  # an older or newer wandb without this API, or a failed start
             _service_broken = True
             _service = None
@@ -155,19 +196,11 @@ def _stop_service() -> None:
     """End this process's detached wandb-core (it holds no live run); the next start makes another."""
     global _service
     with _service_lock:
-        if not _service_alive():
-            _service = None
-            return
+        alive = _service_alive()
         service, _service = _service, None
-        process = getattr(service, "_process", None)
-        if process is None:
-            return
-        try:
-            process.terminate()
-            process.wait(timeout=5.0)
-        except Exception:
-            with contextlib.suppress(Exception):
-                process.kill()
+        if alive and service is not None:
+            with contextlib.suppress(OSError):  # it may have idled out since
+                os.kill(service[0], signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import http.server
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -308,27 +309,64 @@ def test_reader_rejects_foreign_and_tolerates_truncated_logs(tmp_path):
         list(iter_chunks(bytes(corrupt)))
 
 
-# A Ray Train worker stopped by ASHA dies by SIGKILL, its process group with it: no atexit hook, no
-# finish(). The child logs its epochs, then kills its own process group right after the last one.
+# A trial stopped by ASHA, or one whose worker died, ends by SIGKILL: no atexit hook, no finish().
+# Ray also kills the worker's child processes. The child logs its epochs, says so, then waits.
 _KILLED_TRIAL = """
-import json, os, signal, sys
+import json, sys
 from sweeps.tracking import TrialLogger
 
 logger = TrialLogger("p", group="g", job_type="trial", run_id="killed1", directory=sys.argv[1], mode="offline")
 for record in json.loads(sys.argv[2]):
     logger.log_epoch(record)
-os.killpg(os.getpgid(0), signal.SIGKILL)
+print("logged", flush=True)
+sys.stdin.read()  # until killed (or the test goes away)
 """
 
 
+def _descendants(pid: int) -> list[int]:
+    """Pids of the child processes of ``pid``, recursively, from /proc (as psutil's ``children``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds child processes through /proc")
 def test_epochs_of_a_killed_trial_reach_disk(tmp_path):
-    """Every epoch logged before a SIGKILL is in the offline run, and its summary holds the last values."""
+    """Every epoch logged before a SIGKILL is in the offline run, and its summary holds the last values.
+
+    The kill takes the trial's process group and every child process of the trial, as Ray does when
+    it ends a worker: whatever writes the log must be neither.
+    """
     directory = tmp_path / "wandb"
     records = [_record(1), _record(2)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.run([sys.executable, "-c", _KILLED_TRIAL, str(directory), json.dumps(records)], env=env,
-                           cwd=tmp_path, start_new_session=True, capture_output=True, text=True, timeout=120)
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", _KILLED_TRIAL, str(directory), json.dumps(records)],
+                                 env=env, cwd=tmp_path, start_new_session=True, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], 120)
+            line = child.stdout.readline() if ready else ""
+            if line == "logged\n":
+                victims = _descendants(child.pid)  # collected first: once the trial is dead they are orphans
+                os.killpg(child.pid, signal.SIGKILL)
+                for pid in victims:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        finally:
+            child.kill()
+            child.communicate(timeout=30)
+        stderr.seek(0)
+        assert line == "logged\n" and child.returncode == -signal.SIGKILL, stderr.read()
     run_dir = _only_run(directory)
     expected = flatten_record(records[-1])
     deadline = time.monotonic() + 20.0  # whatever writes the log after the kill gets a bounded time
@@ -343,3 +381,16 @@ def test_epochs_of_a_killed_trial_reach_disk(tmp_path):
     for row, record in zip(run.history, records):
         assert {k: row.get(k) for k in flatten_record(record)} == flatten_record(record)
     assert {k: run.summary.get(k) for k in expected} == expected
+
+
+def test_failed_service_launch_falls_back_to_wandbs_own(monkeypatch, tmp_path, caplog):
+    """A launcher that cannot start wandb-core (here: one that fails at once) costs a warning, not the run."""
+    monkeypatch.setattr(tracking, "_LAUNCHER", "import sys; sys.exit('no wandb-core here')")
+    monkeypatch.setattr(tracking, "_service", None)
+    monkeypatch.setattr(tracking, "_service_broken", False)
+    with caplog.at_level(logging.WARNING, logger=tracking.__name__):
+        with TrialLogger("p", run_id="fallback2", directory=tmp_path / "wandb", mode="offline") as logger:
+            logger.log_epoch(_record(1))
+    assert "no wandb-core here" in caplog.text
+    run = read_offline_run(_only_run(tmp_path / "wandb"))
+    assert run.finished and [row["_step"] for row in run.history] == [1]
