@@ -61,10 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sweeps.secrets import redact_url
         sys.argv[:] = [a.replace(args.optuna_storage, redact_url(args.optuna_storage)) for a in sys.argv]
         command = [a.replace(args.optuna_storage, redact_url(args.optuna_storage)) for a in command]
+    from amtl import plugins
     from sweeps.cli import BadInput, check_options, connect
     try:
         check_options(options)
-        connect(options.address)
+        connect(options.address, plugins.files(options.plugins))
         from sweeps.runner import run
         run(options)
     except BadInput as err:

@@ -35,6 +35,7 @@ class Meta:
     fingerprint: bool = False            # changes what a single-task model can reach
     searchable: bool = False             # a search space may search it
     cli: bool = True                     # False: set in code or files only (e.g. a dict)
+    repeatable: bool = False             # a list flag that may be given again to add more
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", factory: Callable[[], Any] | None = None,
@@ -114,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
             continue
         if o.kind is list:
             parser.add_argument(o.flag, *o.meta.aliases, dest=o.name, type=_comma_list, metavar=o.name.upper(),
-                                default=list(o.default), help=f"{o.meta.help}; comma-separated".lstrip("; ")
+                                default=list(o.default), action="extend" if o.meta.repeatable else "store", help=f"{o.meta.help}; comma-separated".lstrip("; ")
                                 + (f" (default: {','.join(o.default)})" if o.default else ""))
             continue
         parser.add_argument(o.flag, *o.meta.aliases, dest=o.name, type=o.kind, default=o.default,

@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from amtl import balancers
+from amtl import balancers, plugins
 from amtl.data import collate
 from amtl.data.labels import SAMPLERS, describe_counts, task_balanced_weights, task_labels
 from amtl.distributed import (Collectives, GlobalBatchSampler, ShardSampler, all_reduce_mean_, all_reduce_sum_,
                               broadcast_, world)
-from amtl.data.registry import DataSplits, build_datasets
-from amtl.models import build_model
+from amtl.data.registry import DATASETS, DataSplits, build_datasets
+from amtl.models import MODELS_REGISTRY, build_model
 from amtl.models.base import MultiTaskModel
 from amtl.options import option
 from amtl.tasks import Task, delta_m, directions, make_task, task_names
@@ -52,9 +52,13 @@ class TrainConfig:
 
     # fingerprint=True: changes what a single-task model can reach (the potentials' cache key);
     # searchable=True: a search space may search it for every method (with bounds in sweeps/space.py).
+    plugins: list[str] = option(help="user code to load first: a .py file or a module name that registers tasks, "
+                                     "datasets, models or balancers (repeatable; see docs/extending.md)",
+                                factory=list, flag="--plugin", repeatable=True)
     tasks: tuple[str, ...] = option(("segmentation", "depth", "normal"), help="tasks to train")
     dataset: str = option("scenes", fingerprint=True,
-                          help="scenes (rendered), nyuv2, voc, or partial (sources labelled for different tasks)")
+                          help="scenes (rendered), nyuv2, voc, partial (sources labelled for different tasks), "
+                               "or a plugin's dataset")
     data_root: str | None = option(None, fingerprint=True,
                                    help="dataset root for real datasets; partial: voc=DIR,nyuv2=DIR")
     image_size: int = option(64, fingerprint=True, help="image side in pixels")
@@ -62,7 +66,7 @@ class TrainConfig:
     n_val: int = option(500, fingerprint=True, help="validation samples")
     n_test: int = option(500, fingerprint=True, help="test samples")
     augment: bool = option(False, fingerprint=True, searchable=True, help="random scale-crop and flip (NYUv2)")
-    model: str = option("small", fingerprint=True, help="small, or a torchvision backbone name")
+    model: str = option("small", fingerprint=True, help="small, a torchvision backbone name, or a plugin's model")
     width: int | None = option(None, fingerprint=True, help="channel width of the small model")
     weights_path: str | None = option(None, fingerprint=True,
                                       help="local backbone state dict (nothing is downloaded)")
@@ -107,8 +111,15 @@ class TrainConfig:
             positive(name)
         if self.steps_per_epoch is not None:
             positive("steps_per_epoch")
+        plugins.load_all(self.plugins)  # first: their names are used below
         if not self.tasks:
             raise ConfigError("no tasks given; pass e.g. --tasks segmentation,depth,normal")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset '{self.dataset}' (known: {', '.join(DATASETS.names())}; a plugin's "
+                              f"dataset needs --plugin)")
+        if self.model not in MODELS_REGISTRY:
+            raise ConfigError(f"unknown model '{self.model}' (known: {', '.join(MODELS_REGISTRY.names())}; a plugin's "
+                              f"model needs --plugin)")
         unknown = [t for t in self.tasks if t not in task_names()]
         if unknown:
             raise ConfigError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(task_names())})")

@@ -27,10 +27,11 @@ def sweep(options: SweepOptions | None = None, /, **changes: Any) -> pd.DataFram
     """
     import dataclasses
 
+    from amtl import plugins
     from sweeps.cli import check_options, connect
     from sweeps.runner import SweepOptions, run
 
     chosen = dataclasses.replace(options or SweepOptions(), **changes)
     check_options(chosen)
-    connect(chosen.address)
+    connect(chosen.address, plugins.files(chosen.plugins))
     return run(chosen)

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
+from amtl import plugins
 from amtl.balancers import HParamError
 from amtl.data.nyuv2 import DatasetError
 from amtl.data.registry import DatasetConfigError, build_datasets
+from amtl.models import ModelContractError
+from amtl.registry import UnknownNameError
+from amtl.tasks import TaskContractError
 from amtl.trainer import ConfigError, TrainConfig
 from sweeps import lock, processes
 from sweeps.potentials import PotentialsError
@@ -20,10 +25,11 @@ from sweeps.storage import Storage, StorageError
 
 #: Exceptions that mean the user's input is wrong (exit 2), as opposed to a failure (exit 1).
 BadInput = (SweepError, SpaceError, HParamError, ConfigError, DatasetConfigError, DatasetError, StorageError,
-            PotentialsError)
+            PotentialsError, plugins.PluginError, UnknownNameError, TaskContractError, ModelContractError)
 
 
 def check_options(o: SweepOptions) -> None:
+    plugins.load_all(o.plugins)  # first: methods, tasks, datasets and models may be theirs
     for name in ("samples", "seeds", "epochs", "workers_per_trial"):
         if getattr(o, name) < 1:
             raise SweepError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
@@ -45,8 +51,9 @@ def check_options(o: SweepOptions) -> None:
     train.validate()
     if o.dataset in ("scenes", "partial") and o.data_root is None:
         _check_rendered_tasks(o)  # rendered on first use inside the trials; nothing on disk to check
-    else:  # real data: check the tree now, not inside the first trial
-        build_datasets(o.dataset, o.tasks, root=o.data_root, image_size=o.image_size)
+    else:  # real or plugin data: check it builds now, not inside the first trial
+        build_datasets(o.dataset, o.tasks, root=train.data_root, image_size=train.image_size, n_train=train.n_train,
+                       n_val=train.n_val, n_test=train.n_test, seed=train.data_seed, cache_dir=train.cache_dir)
     if o.optuna_storage is not None:
         _check_sqlalchemy_url(o.optuna_storage)
     storage = Storage(o.storage)
@@ -161,9 +168,8 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
 
 
 def _check_rendered_tasks(o: SweepOptions) -> None:
-    from amtl.data.partial import TASKS as PARTIAL_TASKS
-    from amtl.data.registry import SCENE_TASKS, check_tasks
-    check_tasks(o.dataset, o.tasks, SCENE_TASKS if o.dataset == "scenes" else PARTIAL_TASKS)
+    from amtl.data.registry import check_tasks, dataset_tasks
+    check_tasks(o.dataset, o.tasks, dataset_tasks(o.dataset))
 
 
 def _check_sqlalchemy_url(url: str) -> None:
@@ -221,8 +227,14 @@ def prepare_ray_import(address: str | None) -> None:
             os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def connect(address: str | None) -> None:
-    """Join ``address`` or start a local embedded cluster; either listens on 127.0.0.1 only when local."""
+def connect(address: str | None, plugin_files: Sequence[Path] = ()) -> None:
+    """Join ``address`` or start a local embedded cluster; either listens on 127.0.0.1 only when local.
+
+    ``plugin_files`` (``--plugin`` files) go to every node of a cluster with the job's runtime
+    environment (``py_modules``), and its processes import them by module name: the files need not
+    exist there. A local cluster's processes read them where they are. A process that joined Ray
+    already cannot ship anything more.
+    """
     import os
 
     prepare_ray_import(address)
@@ -234,9 +246,12 @@ def connect(address: str | None) -> None:
     from sweeps.worker_setup import HOOK
     if address:
         try:  # on a real cluster the job's runtime environment carries it to every process
+            shipped = {"py_modules": [str(f) for f in plugin_files],
+                       "env_vars": {plugins.SHIPPED_ENV: ",".join(f.stem for f in plugin_files)}} if plugin_files else {}
             ray.init(address=address, log_to_driver=False,
-                     runtime_env={"env_vars": {k: os.environ[k] for k in TRAIN_ENV},
-                                  "worker_process_setup_hook": HOOK})
+                     runtime_env={"env_vars": {**{k: os.environ[k] for k in TRAIN_ENV}, **shipped.get("env_vars", {})},
+                                  "worker_process_setup_hook": HOOK,
+                                  **({"py_modules": shipped["py_modules"]} if shipped else {})})
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as err:
             raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
                              f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None

@@ -47,15 +47,18 @@ class SweepOptions:
 
     methods: list[str] = option(help="balancer names, weighting+aggregator combinations, or 'all'",
                                 factory=lambda: ["amtl"], flag="--method", aliases=("--methods",))
+    plugins: list[str] = option(help="user code to load first: a .py file or a module name that registers tasks, "
+                                     "datasets, models or balancers (repeatable; see docs/extending.md)",
+                                factory=list, flag="--plugin", repeatable=True)
     space: str | None = option(None, help="search-space YAML overriding the built-in ones (sweeps/search_spaces/)")
     samples: int = option(6, help="search trials")
     seeds: int = option(3, help="seeds for each method's best config")
     epochs: int = option(3, help="training budget of every trial")
-    dataset: str = option("scenes", help="scenes (rendered), nyuv2, voc, or partial (sources labelled for "
-                                         "different tasks; see README)")
+    dataset: str = option("scenes", help="scenes (rendered), nyuv2, voc, partial (sources labelled for "
+                                         "different tasks; see README), or a plugin's dataset")
     data_root: str | None = option(None, help="root of a real dataset; partial: voc=DIR,nyuv2=DIR")
     tasks: list[str] = option(help="tasks every trial trains", factory=lambda: ["segmentation", "depth", "normal"])
-    model: str = option("small", help="small, or a torchvision backbone name")
+    model: str = option("small", help="small, a torchvision backbone name, or a plugin's model")
     image_size: int = option(64, help="image side in pixels")
     n_train: int = option(1000, help="training samples")
     n_val: int = option(200, help="validation samples")
@@ -92,7 +95,7 @@ class SweepOptions:
 
     def base_train(self) -> dict[str, Any]:
         """The TrainConfig options every trial shares before search and overrides."""
-        return {"tasks": list(self.tasks), "dataset": self.dataset, "data_root": self.data_root,
+        return {"plugins": list(self.plugins), "tasks": list(self.tasks), "dataset": self.dataset, "data_root": self.data_root,
                 "image_size": self.image_size, "n_train": self.n_train, "n_val": self.n_val,
                 "n_test": self.n_test, "model": self.model, "epochs": self.epochs,
                 "batch_size": self.batch_size, "sampler": self.sampler, "lr": self.lr, "seed": self.seed,

@@ -366,16 +366,49 @@ def _method_file_params(method: str, space_dir: Path) -> dict[str, Dist]:
     origin: dict[str, Path] = {}
     for part in parts:
         path = space_dir / f"{part}.yaml"
-        if not path.is_file():
+        if path.is_file():
+            _, params, _ = _read_method_file(path, part, allow_shared=False)
+        elif _from_plugin(part):
+            params = declared_params(part)
+        else:
             raise SpaceError(path, None, f"no search space file for '{part}'; create it with 'method: {part}' "
                                          "and 'params: {}' to search nothing")
-        _, params, _ = _read_method_file(path, part, allow_shared=False)
         for name, dist in params.items():
             if name in merged and merged[name] != dist:
                 raise SpaceError(path, f"params.{name}", f"also searched, differently, in {origin[name]}; "
                                                          f"give '{method}' its own entry in a --space file")
             merged[name], origin[name] = dist, path
     return merged
+
+
+def _component(name: str) -> type | None:
+    from amtl.balancers import method
+    return method._WEIGHTINGS.get(name) or method._AGGREGATORS.get(name)
+
+
+def _from_plugin(name: str) -> bool:
+    """Whether a weighting or aggregator came from user code rather than ``amtl.balancers``."""
+    component = _component(name)
+    return component is not None and not component.__module__.startswith("amtl.")
+
+
+def declared_params(name: str) -> dict[str, Dist]:
+    """The search space a plugin's balancer declares by its :class:`HParam` ranges (used when it has
+    no search-space file): numbers over ``[low, high]`` on their declared scale, choices and
+    booleans over their values. Hyperparameters with an open range are left at their default."""
+    out: dict[str, Dist] = {}
+    for h in _component(name).hparams:
+        if h.choices is not None:
+            out[h.name] = Dist("categorical", choices=tuple(h.choices))
+        elif h.kind == "bool":
+            out[h.name] = Dist("categorical", choices=(True, False))
+        elif (h.kind in ("float", "int") and h.low is not None and h.high is not None
+              and math.isfinite(h.low) and math.isfinite(h.high) and h.low < h.high):
+            if h.kind == "int":
+                out[h.name] = Dist("int", int(h.low), int(h.high), log=h.log)
+            elif not h.log or h.low > 0:
+                out[h.name] = Dist("loguniform" if h.log else "uniform", float(h.low), float(h.high), log=h.log)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from amtl import plugins
 from amtl.trainer import CHECKPOINT, NonFiniteLossError, TrainConfig, Trainer
 from sweeps.tracking import flatten_record
 
@@ -160,6 +161,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     spec = dict(config[TRIAL_KEY])
+    plugins.load_all(spec["train"].get("plugins", ()))  # the trial's method may be a plugin's
     trial_id = ray.tune.get_context().get_trial_id()
     train, method, _, _ = resolve_trial(config)
     workers, gpus = int(spec.get("workers", 1)), float(spec.get("gpus_per_worker", 0))

@@ -106,7 +106,20 @@ def world(tmp_path_factory):
         "a-list": "- samples\n",
         "checked": "epochs: -1\n",  # a valid file: its options get the usual checks
     })
-    return {"root": root, "store": store, "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
+    header = "from amtl.extend import Task, register_task, register_weighting\nfrom amtl.balancers.weightings import _dwa\n"
+    plugins = root / "plugins"
+    plugins.mkdir()
+    for name, body in {
+        "broken": "x = 1 / 0\n",
+        "abstract": "class Half(Task):\n    name = 'half'\n    kpi = 'acc'\n    higher_is_better = {'acc': True}\n"
+                    "register_task('half', Half)\n",
+        "taken": "register_task('novel', lambda **_: None)\nregister_task('depth', lambda **_: None)\n",
+        "taken_balancer": "class Again(_dwa.DynamicWeightAverage):\n    name = 'dwa'\nregister_weighting(Again)\n",
+        "bad_kpi": "class Scored(Task):\n    name = 'scored'\n    kpi = 'loss'\n    higher_is_better = {'acc': True}\n"
+                   "    head = sample_losses = metric = None\nregister_task('scored', Scored)\n",
+    }.items():
+        (plugins / f"bad_plugin_{name}.py").write_text(header + body)
+    return {"root": root, "store": store, "plugins": plugins, "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
             "nyu_missing": nyu_missing, "nyu_ragged": nyu_ragged, "nyu_no_depth": nyu_no_depth, "voc": voc,
             "spaces": spaces, "configs": configs}
 
@@ -193,6 +206,16 @@ CASES = [
     ("config-malformed", "--config {configs}/malformed.yaml", r"malformed\.yaml' is not valid YAML at line \d+; fix the syntax"),
     ("config-not-a-mapping", "--config {configs}/a-list.yaml", r"must be a mapping of option names to values"),
     ("config-checked", "--config {configs}/checked.yaml", r"--epochs must be at least 1, got -1"),
+    ("plugin-missing-file", "--plugin {root}/nowhere.py", r"plugin file '.*nowhere\.py' does not exist; check the"),
+    ("plugin-unknown-module", "--plugin no_such_plugin_module", r"plugin module 'no_such_plugin_module' is not installed"),
+    ("plugin-import-error", "--plugin {plugins}/bad_plugin_broken.py",
+     r"plugin '.*bad_plugin_broken\.py' failed to import: ZeroDivisionError: division by zero; fix the plugin"),
+    ("plugin-abstract-task", "--plugin {plugins}/bad_plugin_abstract.py",
+     r"task 'half' \(Half\) does not implement head, metric, sample_losses"),
+    ("plugin-task-name-taken", "--plugin {plugins}/bad_plugin_taken.py", r"task name 'depth' is taken; choose another"),
+    ("plugin-balancer-name-taken", "--plugin {plugins}/bad_plugin_taken_balancer.py", r"weighting name 'dwa'"),
+    ("plugin-kpi-not-a-metric", "--plugin {plugins}/bad_plugin_bad_kpi.py",
+     r"task 'scored' has kpi 'loss', which is not one of its metrics \(acc\); set kpi"),
     ("state-empty", "--name empty-state --resume",
      r"state file '.*empty-state/state\.json' is unreadable \(the file is empty\); it has no usable backup, so "
      r"write \{\"done\": \[\]\} into it and rerun with --resume"),

@@ -151,6 +151,24 @@ def test_sweep_with_address_runs_trials_on_both_nodes(local_cluster, spread_swee
     assert (trials["worker_node_ids"] == trials["node_id"]).all()  # one worker: its own node
 
 
+def test_a_plugin_only_the_driver_has_runs_on_both_nodes(local_cluster, tmp_path):
+    """The plugin file lies in a temporary folder on no worker's path: the sweep ships it with the
+    job's runtime environment (``py_modules``) and every trial process imports the shipped copy."""
+    plugin = tmp_path / "elsewhere" / "points_on_cluster.py"
+    plugin.parent.mkdir()
+    shutil.copy(REPO / "tests" / "plugin_points.py", plugin)
+    storage = tmp_path / "store"
+    run_sweep("--address", local_cluster["address"], "--storage", str(storage), "--name", "plugin",
+              "--plugin", str(plugin), "--dataset", "points", "--tasks", "first,second", "--model", "mlp",
+              "--method", "tilted", "--samples", "3", "--n-train", "200", "--n-val", "50", "--n-test", "50",
+              "--batch-size", "32", "--epochs", "1", "--seeds", "1", "--scheduler", "fifo", "--no-wandb")
+    trials = pd.read_parquet(storage / "plugin" / "trials.parquet")
+    assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
+    assert set(trials["node_id"]) == set(cluster_nodes(local_cluster["address"])), trials[["phase", "node_id"]]
+    board = pd.read_parquet(storage / "plugin" / "leaderboard.parquet")
+    assert list(board["method"]) == ["tilted"]
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 

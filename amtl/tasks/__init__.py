@@ -13,29 +13,58 @@ from amtl.tasks.detection import Detection
 from amtl.tasks.normal import Normal
 from amtl.tasks.segmentation import Segmentation
 
-_FACTORIES: dict[str, Callable[..., Task]] = {
-    "segmentation": lambda num_classes, **_: Segmentation(num_classes),
-    "depth": lambda **_: Depth(),
-    "normal": lambda **_: Normal(),
-    "detection": lambda num_detection_classes=0, **_: Detection(num_detection_classes),
-}
+from amtl.registry import Registry
+
+TASKS: Registry[Callable[..., Task]] = Registry("task")
 
 
-def register_task(name: str, factory: Callable[..., Task]) -> None:
-    """Register a task factory; it receives dataset facts such as ``num_classes`` and
-    ``num_detection_classes`` as keywords."""
-    _FACTORIES[name] = factory
+class TaskContractError(ValueError):
+    """A task object breaks the :class:`Task` contract; the message says which part."""
+
+
+def register_task(name: str, factory: Callable[..., Task]) -> Callable[..., Task]:
+    """Register a task under ``name``: ``factory(**dataset_facts)`` returns a :class:`Task` whose
+    ``name`` is ``name``. Dataset facts (``num_classes``, ``num_detection_classes``) arrive as
+    keywords; a factory takes what it needs and ``**_`` for the rest. A class is a factory too."""
+    return TASKS.add(name, factory)
 
 
 def task_names() -> list[str]:
-    return sorted(_FACTORIES)
+    return TASKS.names()
 
 
 def make_task(name: str, **dataset_facts: Any) -> Task:
     """Build a task by name, e.g. ``make_task("segmentation", num_classes=13)``."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown task '{name}' (known: {', '.join(task_names())})")
-    return _FACTORIES[name](**dataset_facts)
+    try:
+        task = TASKS.get(name)(**dataset_facts)
+    except TypeError as e:  # an abstract Task subclass, or a factory that rejects the facts
+        raise TaskContractError(f"task '{name}' cannot be built: {e}") from e
+    check_task(name, task)
+    return task
+
+
+def check_task(name: str, task: Any) -> None:
+    """Raise :class:`TaskContractError` unless ``task`` keeps the :class:`Task` contract."""
+    if not isinstance(task, Task):
+        raise TaskContractError(f"task '{name}': its factory returned {type(task).__name__}, not an amtl Task")
+    if getattr(task, "name", None) != name:
+        raise TaskContractError(f"task '{name}': the object's name is {getattr(task, 'name', None)!r}; "
+                                f"set name = {name!r} on the class")
+    directions_ = getattr(task, "higher_is_better", None)
+    if not isinstance(directions_, dict) or not directions_:
+        raise TaskContractError(f"task '{name}': higher_is_better must map every metric to its direction")
+    if getattr(task, "kpi", None) not in directions_:
+        raise TaskContractError(f"task '{name}': its kpi {getattr(task, 'kpi', None)!r} is not one of its metrics "
+                                f"({', '.join(directions_)}); set kpi to one of them")
+    if not directions_[task.kpi]:
+        raise TaskContractError(f"task '{name}': its kpi '{task.kpi}' must be higher-is-better "
+                                f"(AMTL and DTP read it as an achievement)")
+
+
+register_task("segmentation", lambda num_classes, **_: Segmentation(num_classes))
+register_task("depth", lambda **_: Depth())
+register_task("normal", lambda **_: Normal())
+register_task("detection", lambda num_detection_classes=0, **_: Detection(num_detection_classes))
 
 
 def directions(tasks: Sequence[Task]) -> dict[str, bool]:
@@ -68,5 +97,5 @@ def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, float],
     return 100.0 * total / len(keys)
 
 
-__all__ = ["Depth", "Detection", "Normal", "Segmentation", "Task", "delta_m", "directions", "make_task",
-           "register_task", "task_names"]
+__all__ = ["Depth", "Detection", "Normal", "Segmentation", "TASKS", "Task", "TaskContractError", "check_task", "delta_m",
+           "directions", "make_task", "register_task", "task_names"]
