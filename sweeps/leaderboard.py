@@ -30,6 +30,7 @@ Per-task columns
     as the Delta-m it explains. The KPI metric of a task is found from the data: it is the
     ``val/<task>/<metric>`` column equal to ``kpi/<task>`` (how the trainer defines KPIs), or given
     with ``kpi_metrics``. When no test column can be matched the column is ``kpi/<task>`` (val KPI).
+    Each has a ``<column>_ci95`` beside it: the same interval as Delta-m's, over the same rows.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ OK_STATUS = "TERMINATED"
 FAILED_STATUS = "ERROR"
 # Columns a caller might list as hyperparameters by mistake; they differ between seed reruns of
 # one configuration, so grouping by them would split a configuration.
+CI_SUFFIX = "_ci95"  # beside each per-task column: its 95% interval's half-width
 _NOT_HPARAMS = {"seed", "trial_id", "phase", "method", "status", "error", "node_id", "train_seconds"}
 # Saved PNG metadata names the matplotlib version by default; drop it so bytes depend on data only.
 _PNG_META = {"Software": None}
@@ -227,7 +229,8 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
             "val_delta_m_mean": float(scoring["val_delta_m"].astype(float).mean()) if len(scoring) else math.nan,
         }
         for col in task_cols.values():
-            rec[col] = float(pd.to_numeric(scoring[col], errors="coerce").mean()) if len(scoring) else math.nan
+            values = pd.to_numeric(scoring[col], errors="coerce").dropna()
+            rec[col], rec[col + CI_SUFFIX] = mean_ci95(values) if len(values) else (math.nan, math.nan)
         if len(scoring):
             best = scoring.assign(_v=scoring["val_delta_m"].astype(float),
                                   _id=scoring["trial_id"].astype(str)).sort_values(["_v", "_id"]).iloc[0]
@@ -243,7 +246,8 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
         rec["compute_seconds"] = float(pd.to_numeric(secs, errors="coerce").sum())  # failed trials cost too
         records.append(rec)
     columns = ["method", "rank", "n_seeds", "test_delta_m_mean", "test_delta_m_ci95", "test_delta_m_low",
-               "test_delta_m_high", "val_delta_m_mean", *task_cols.values(), "best_config", "best_trial_id",
+               "test_delta_m_high", "val_delta_m_mean",
+               *(c for col in task_cols.values() for c in (col, col + CI_SUFFIX)), "best_config", "best_trial_id",
                "scored_on", "trials", "failed", "compute_seconds"]
     if not records:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
@@ -265,7 +269,13 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _task_score_columns(lb: pd.DataFrame) -> list[str]:
-    return [c for c in lb.columns if c.startswith(("test/", "kpi/"))]
+    return [c for c in lb.columns if c.startswith(("test/", "kpi/")) and not c.endswith(CI_SUFFIX)]
+
+
+def _mean_ci(mean: Any, ci: Any, digits: int) -> str:
+    if _is_missing(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± " + ("n/a" if _is_missing(ci) else f"{ci:.{digits}f}")
 
 
 def _task_label(col: str) -> str:
@@ -277,19 +287,15 @@ def _task_label(col: str) -> str:
 def to_markdown(lb: pd.DataFrame) -> str:
     """Leaderboard as an aligned markdown table (readable in a terminal too), plus a legend line."""
     task_cols = _task_score_columns(lb)
-    header = ["rank", "method", "test Δm (mean ± ci95)", "val Δm", "seeds", *map(_task_label, task_cols),
+    header = ["rank", "method", "test Δm (mean ± ci95)", "val Δm", "seeds",
+              *(f"{_task_label(c)} (± ci95)" for c in task_cols),
               "trials", "failed", "best config"]
     body: list[list[str]] = []
     for _, r in lb.iterrows():
-        if _is_missing(r["test_delta_m_mean"]):
-            dm = "-"
-        elif _is_missing(r["test_delta_m_ci95"]):
-            dm = f"{r['test_delta_m_mean']:.2f} ± n/a"
-        else:
-            dm = f"{r['test_delta_m_mean']:.2f} ± {r['test_delta_m_ci95']:.2f}"
+        dm = _mean_ci(r["test_delta_m_mean"], r["test_delta_m_ci95"], 2)
         cfg = r["best_config"] if not _is_missing(r["best_config"]) else "-"
         body.append([_fmt(r["rank"]), str(r["method"]), dm, _fmt(r["val_delta_m_mean"]), _fmt(r["n_seeds"]),
-                     *(_fmt(r[c], 4) for c in task_cols), _fmt(r["trials"]), _fmt(r["failed"]),
+                     *(_mean_ci(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), _fmt(r["trials"]), _fmt(r["failed"]),
                      f"`{cfg}`" if cfg != "-" else cfg])
     # A literal "|" inside a cell would end the cell in markdown.
     body = [[cell.replace("|", "\\|") for cell in row] for row in body]

@@ -72,6 +72,20 @@ def test_ci_is_hand_computed_t_interval():
     assert r["test_delta_m_high"] == pytest.approx(2.0 + r["test_delta_m_ci95"])
 
 
+def test_every_task_score_has_its_own_interval_over_the_scoring_rows():
+    rows = [trial(f"ew-s{i}", "ew", "seeds", 1.0, seed=i, kpi=k) for i, k in enumerate([0.4, 0.5, 0.6])]
+    rows.append(trial("ew-search", "ew", "search", 0.5, kpi=0.9))  # not a scoring row
+    lb = build_leaderboard(frame(rows), HP)
+    r = lb_row(lb, "ew")
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # s = 0.1 over three seeds
+    for task, metric in TASKS.items():
+        assert r[f"test/{task}/{metric}"] == pytest.approx(0.4)
+        assert r[f"test/{task}/{metric}_ci95"] == pytest.approx(half, rel=1e-9)
+    assert f"0.4000 ± {half:.4f}" in to_markdown(lb)
+    one = build_leaderboard(frame(seeds("gls", [1.0])), HP)
+    assert math.isnan(lb_row(one, "gls")["test/depth/delta1_ci95"]) and "± n/a" in to_markdown(one)
+
+
 # -- ranking -----------------------------------------------------------------------------------
 def test_overlapping_intervals_share_a_rank():
     # a ~ [-0.5, 4.5], b ~ [0.5, 5.5]: overlap, both rank 1 although a's mean is lower.
