@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))  # the repository, also when not installed
 from sweeps import processes  # noqa: E402
 
 #: A small sweep: 2 single-task potentials, 3 search trials over two methods (2 at once, so the third
-#: runs alone after two finished), the best of each method x 1 seed.
-TINY_SWEEP = ["--method", "ew,dwa", "--samples", "3", "--seeds", "1", "--epochs", "2", "--tasks",
+#: runs alone after two finished; a joint search, so 3 in all), the best of each method x 1 seed.
+TINY_SWEEP = ["--method", "ew,dwa", "--search", "joint", "--samples", "3", "--seeds", "1", "--epochs", "2", "--tasks",
               "segmentation,depth", "--image-size", "32", "--n-train", "64", "--n-val", "16", "--n-test", "16",
               "--batch-size", "16", "--max-concurrent", "2", "--scheduler", "fifo", "--no-wandb"]
 

@@ -46,7 +46,7 @@ def check_options(o: SweepOptions) -> None:
         raise SweepError(f"--space file '{o.space}' does not exist; check the path")
     if not o.address:  # an embedded cluster has this machine's resources, no more
         _check_fits_this_machine(o)
-    load_space(o.methods, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
+    load_space(o.compared, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
     train = TrainConfig.from_dict(o.base_train())
     train.validate()
     if o.dataset in ("scenes", "partial") and o.data_root is None:

@@ -39,7 +39,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ from matplotlib.figure import Figure
 
 OK_STATUS = "TERMINATED"
 FAILED_STATUS = "ERROR"
+STOPPED_STATUS = "STOPPED"  # ended early by the scheduler (ASHA)
 # Columns a caller might list as hyperparameters by mistake; they differ between seed reruns of
 # one configuration, so grouping by them would split a configuration.
 CI_SUFFIX = "_ci95"  # beside each per-task column: its 95% interval's half-width
@@ -194,8 +195,24 @@ def _scoring_rows(rows: pd.DataFrame, hparams: list[str]) -> tuple[pd.DataFrame,
     return rows.iloc[0:0], ""
 
 
+def _why_unscored(rows: pd.DataFrame) -> str:
+    """Why a method has no scored run, in the words a reader needs."""
+    if rows.empty:
+        return "never sampled"
+    failed = rows[rows["status"] == FAILED_STATUS]
+    stopped = rows[rows["status"] == STOPPED_STATUS]
+    parts = []
+    if len(failed):
+        errors = failed["error"].dropna().astype(str) if "error" in failed else pd.Series(dtype=str)
+        first = f": {errors.iloc[0]}" if len(errors) else ""
+        parts.append(f"{len(failed)} of {len(rows)} trial(s) failed{first}")
+    if len(stopped):
+        parts.append(f"{len(stopped)} of {len(rows)} trial(s) stopped early by the scheduler")
+    return "; ".join(parts) or "no trial reported test metrics"
+
+
 def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
-                      kpi_metrics: Mapping[str, str] | None = None) -> pd.DataFrame:
+                      kpi_metrics: Mapping[str, str] | None = None, methods: Sequence[str] = ()) -> pd.DataFrame:
     """One row per method (phase "potentials" excluded), sorted best first; see the module docstring.
 
     ``trials`` needs ``trial_id``, ``phase``, ``method``, ``status``, ``val_delta_m``,
@@ -206,7 +223,9 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
     ``test_delta_m_ci95``, ``test_delta_m_low``, ``test_delta_m_high``, ``val_delta_m_mean``, the
     per-task ``test/<task>/<kpi>`` (or ``kpi/<task>``) means, ``best_config`` (JSON, missing without a
     successful run), ``best_trial_id`` (the scoring trial with the lowest val Delta-m),
-    ``scored_on`` ("seeds", "search" or ""), ``trials``, ``failed``, ``compute_seconds``.
+    ``scored_on`` ("seeds", "search" or ""), and the budget the method received: ``trials``,
+    ``failed``, ``epochs`` (trained, over all its trials), ``compute_seconds``; ``note`` says why a
+    method has no score. ``methods`` (the sweep's) adds a row for a method that has no trial at all.
     """
     required = {"trial_id", "phase", "method", "status", "val_delta_m", "test_delta_m"}
     missing = sorted(required - set(trials.columns))
@@ -216,7 +235,10 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
     rows_all = trials[trials["phase"] != "potentials"]
     task_cols = _task_columns(rows_all, kpi_metrics)
     records: list[dict[str, Any]] = []
-    for method, rows in rows_all.groupby("method", sort=True):
+    groups = dict(iter(rows_all.groupby("method", sort=True)))
+    for method in methods:
+        groups.setdefault(method, rows_all.iloc[0:0])
+    for method, rows in sorted(groups.items()):
         scoring, source = _scoring_rows(rows, hparams)
         mean, ci = mean_ci95(scoring["test_delta_m"].astype(float))
         rec: dict[str, Any] = {
@@ -242,13 +264,16 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
         rec["scored_on"] = source
         rec["trials"] = len(rows)
         rec["failed"] = int((rows["status"] == FAILED_STATUS).sum())
+        epochs = rows["epochs"] if "epochs" in rows else pd.Series(dtype=float)
+        rec["epochs"] = int(pd.to_numeric(epochs, errors="coerce").fillna(0).sum())
         secs = rows["train_seconds"] if "train_seconds" in rows else pd.Series(dtype=float)
         rec["compute_seconds"] = float(pd.to_numeric(secs, errors="coerce").sum())  # failed trials cost too
+        rec["note"] = "" if len(scoring) else _why_unscored(rows)
         records.append(rec)
     columns = ["method", "rank", "n_seeds", "test_delta_m_mean", "test_delta_m_ci95", "test_delta_m_low",
                "test_delta_m_high", "val_delta_m_mean",
                *(c for col in task_cols.values() for c in (col, col + CI_SUFFIX)), "best_config", "best_trial_id",
-               "scored_on", "trials", "failed", "compute_seconds"]
+               "scored_on", "trials", "failed", "epochs", "compute_seconds", "note"]
     if not records:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     lb = pd.DataFrame.from_records(records)
@@ -284,23 +309,26 @@ def _task_label(col: str) -> str:
     return f"{parts[1]} {'/'.join(parts[2:])}" if parts[0] == "test" else f"{parts[1]} (val KPI)"
 
 
-def to_markdown(lb: pd.DataFrame) -> str:
-    """Leaderboard as an aligned markdown table (readable in a terminal too), plus a legend line."""
+def to_markdown(lb: pd.DataFrame, note: str = "") -> str:
+    """Leaderboard as an aligned markdown table (readable in a terminal too), plus a legend line and
+    ``note`` (e.g. that a joint search gave the methods unequal budgets)."""
     task_cols = _task_score_columns(lb)
     header = ["rank", "method", "test Δm (mean ± ci95)", "val Δm", "seeds",
               *(f"{_task_label(c)} (± ci95)" for c in task_cols),
-              "trials", "failed", "best config"]
+              "trials", "failed", "epochs", "compute s", "best config"]
     body: list[list[str]] = []
     for _, r in lb.iterrows():
         dm = _mean_ci(r["test_delta_m_mean"], r["test_delta_m_ci95"], 2)
-        cfg = r["best_config"] if not _is_missing(r["best_config"]) else "-"
+        cfg = f"`{r['best_config']}`" if not _is_missing(r["best_config"]) else "-"
+        if not _is_missing(r.get("note")) and r.get("note"):
+            cfg = f"({r['note']})"
         body.append([_fmt(r["rank"]), str(r["method"]), dm, _fmt(r["val_delta_m_mean"]), _fmt(r["n_seeds"]),
-                     *(_mean_ci(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), _fmt(r["trials"]), _fmt(r["failed"]),
-                     f"`{cfg}`" if cfg != "-" else cfg])
+                     *(_mean_ci(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), _fmt(r["trials"]),
+                     _fmt(r["failed"]), _fmt(r.get("epochs")), _fmt(r.get("compute_seconds"), 0), cfg])
     # A literal "|" inside a cell would end the cell in markdown.
     body = [[cell.replace("|", "\\|") for cell in row] for row in body]
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-    numeric = {0, 2, 3, 4, *range(5, 5 + len(task_cols)), 5 + len(task_cols), 6 + len(task_cols)}
+    numeric = {0, 2, 3, 4, *range(5, 9 + len(task_cols))}
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -310,8 +338,9 @@ def to_markdown(lb: pd.DataFrame) -> str:
                           for i, w in enumerate(widths)) + "|"
     legend = ("Δm: Delta-m on test in %, lower is better. ci95: half-width of the 95% t-interval over seeds "
               "(n/a with one run). rank: 1 + number of methods whose interval lies entirely below; "
-              "overlapping intervals share a rank.")
-    return "\n".join([line(header), rule, *(line(r) for r in body), "", legend]) + "\n"
+              "overlapping intervals share a rank. trials, epochs, compute s: the budget each method received "
+              "(search and seeds).")
+    return "\n".join([line(header), rule, *(line(r) for r in body), "", legend, *([note] if note else [])]) + "\n"
 
 
 # -- plots ----------------------------------------------------------------------------------
@@ -448,7 +477,8 @@ def _weights_trial(lb: pd.DataFrame, trials: pd.DataFrame, history: pd.DataFrame
 
 
 def write_outputs(trials: pd.DataFrame, history: pd.DataFrame | None, out_dir: str | Path,
-                  hparam_columns: list[str], kpi_metrics: Mapping[str, str] | None = None) -> pd.DataFrame:
+                  hparam_columns: list[str], kpi_metrics: Mapping[str, str] | None = None,
+                  methods: Sequence[str] = (), note: str = "") -> pd.DataFrame:
     """Write ``leaderboard.{parquet,md,png}`` (and ``weights.png`` when weight history exists); return the leaderboard.
 
     ``weights.png`` shows the best-scoring ``amtl*`` method's scoring trial (or its best logged
@@ -456,9 +486,9 @@ def write_outputs(trials: pd.DataFrame, history: pd.DataFrame | None, out_dir: s
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lb = build_leaderboard(trials, hparam_columns, kpi_metrics)
+    lb = build_leaderboard(trials, hparam_columns, kpi_metrics, methods)
     _atomic_write(out / "leaderboard.parquet", lambda tmp: lb.to_parquet(tmp, index=False))
-    text = to_markdown(lb)
+    text = to_markdown(lb, note)
     _atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     plot_leaderboard(lb, trials, out / "leaderboard.png")
     pick = _weights_trial(lb, trials, history) if history is not None else None

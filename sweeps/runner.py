@@ -27,6 +27,7 @@ from sweeps.storage import Storage
 from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, run_trial
 
 PHASES = ("potentials", "search", "seeds")
+SEARCHES = ("per-method", "joint")
 STATE = "state.json"
 #: The Tune trial itself only waits on its TorchTrainer; a token of memory is its whole request
 #: (Ray rejects an empty one, and a CPU fraction would stop N one-CPU workers fitting on N cores).
@@ -50,8 +51,10 @@ class SweepOptions:
     plugins: list[str] = option(help="user code to load first: a .py file or a module name that registers tasks, "
                                      "datasets, models or balancers (repeatable; see docs/extending.md)",
                                 factory=list, flag="--plugin", repeatable=True)
+    reference: str = option("ew", help="baseline every sweep compares with, added to --method (equal weighting: the "
+                                       "row every paper reports); 'none' leaves it out")
     space: str | None = option(None, help="search-space YAML overriding the built-in ones (sweeps/search_spaces/)")
-    samples: int = option(6, help="search trials")
+    samples: int = option(6, help="search trials of each method (per-method search), or in all (joint)")
     seeds: int = option(3, help="seeds for each method's best config")
     epochs: int = option(3, help="training budget of every trial")
     dataset: str = option("scenes", help="scenes (rendered), nyuv2, voc, partial (sources labelled for "
@@ -67,7 +70,12 @@ class SweepOptions:
     sampler: str = option("random", choices=SAMPLERS,
                           help="task-balanced: draw samples of rarely labelled tasks more often (partial dataset)")
     lr: float = option(2e-3, help="learning rate where the search space does not search it")
-    scheduler: str = option("asha", choices=("asha", "fifo"), help="Tune's trial scheduler for the search")
+    scheduler: str = option("asha", choices=("asha", "fifo"), help="Tune's trial scheduler for the search "
+                                                                   "(per-method search: one ASHA per method)")
+    search: str = option("per-method", choices=SEARCHES,
+                         help="per-method: every method gets --samples trials, its own search and its own ASHA "
+                              "(equal budgets, a fair verdict); joint: the method is one more searched choice "
+                              "over --samples trials in all (one best config fast; budgets differ)")
     max_concurrent: int | None = option(None, help="trials at once (default: CPUs / cpus-per-trial)")
     workers_per_trial: int = option(1, help="DDP workers per trial")
     cpus_per_trial: float = option(1.0, help="CPUs of one trial, over its workers")
@@ -87,6 +95,14 @@ class SweepOptions:
     stall_timeout: float = option(3600.0, help="seconds a phase may go without any trial progress (trials waiting "
                                                "for resources, a stuck trial) before the sweep ends with an error "
                                                "saying what it waited for; longer than one epoch")
+
+    @property
+    def compared(self) -> list[str]:
+        """The methods the sweep compares: ``methods`` and the ``reference`` row (unless 'none', or
+        the methods come from a space file's list: ``all`` or none named)."""
+        if self.reference.lower() == "none" or not self.methods or "all" in self.methods:
+            return list(self.methods)
+        return list(self.methods) + ([self.reference] if self.reference not in self.methods else [])
 
     @property
     def metric(self) -> tuple[str, str]:
@@ -343,9 +359,12 @@ class Sweep:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
         from ray.tune.search import ConcurrencyLimiter
 
+        from sweeps.schedulers import PerMethodASHA
         from sweeps.space import default_storage_url, load_space, make_searcher
 
-        space = load_space(self.o.methods, Path(self.o.space) if self.o.space else None)
+        per_method = self.o.search == "per-method"
+        space = replace(load_space(self.o.compared, Path(self.o.space) if self.o.space else None),
+                        per_method=per_method)
         metric, mode = self.o.metric
         storage_url = self.o.optuna_storage or (default_storage_url(self.storage.root, self.o.name)
                                                 if self.storage.is_local else None)
@@ -353,12 +372,19 @@ class Sweep:
                                                     study_name=self.o.name), max_concurrent=self.concurrency())
         # max_t one past the budget: ASHA stops a trial that *reaches* max_t, which would cut off
         # its final report (the test metrics), sent after the last epoch with the same epoch number.
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=self.o.epochs + 1, grace_period=1, reduction_factor=2)
-                     if self.o.scheduler == "asha" else FIFOScheduler())
-        self.say(f"[search] {self.o.samples} trial(s) over {', '.join(space.methods)} "
+        asha = {"time_attr": "epoch", "max_t": self.o.epochs + 1, "grace_period": 1, "reduction_factor": 2}
+        if self.o.scheduler == "fifo":
+            scheduler = FIFOScheduler()
+        elif per_method:
+            scheduler = PerMethodASHA(**asha)
+        else:
+            scheduler = ASHAScheduler(**asha)
+        samples = self.o.samples * (len(space.methods) if per_method else 1)
+        each = f"{self.o.samples} per method, " if per_method and len(space.methods) > 1 else ""
+        self.say(f"[search] {samples} trial(s) ({each}{self.o.search}) over {', '.join(space.methods)} "
                  f"({self.o.scheduler}, objective {metric} {mode})")
         tuner = self.tuner("search", {TRIAL_KEY: self.spec("search", potentials.as_spec())},
-                           tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=self.o.samples,
+                           tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                            metric=metric, mode=mode))
         self.fit("search", tuner)
 
@@ -418,14 +444,20 @@ class Sweep:
 
     def finish(self) -> pd.DataFrame:
         from sweeps.leaderboard import to_markdown, write_outputs
+        from sweeps.space import load_space
 
         trials = trials_frame(self.rows)
         history = pd.DataFrame(self.history) if self.history else None
         out = self.local_dir if self.dir.is_local else Path(tempfile.mkdtemp(prefix="amtl-lb-"))
         hparams = hparam_columns(trials)
-        board = write_outputs(trials[trials["phase"] != "potentials"], history, out, hparams)
+        methods = load_space(self.o.compared, Path(self.o.space) if self.o.space else None).methods
+        note = ("Joint search (--search joint): the method was one more searched choice, so the methods received "
+                "unequal budgets (see trials, epochs); --search per-method gives each the same."
+                if self.o.search == "joint" and len(methods) > 1 else "")
+        board = write_outputs(trials[trials["phase"] != "potentials"], history, out, hparams, methods=methods,
+                              note=note)
         self.dir.upload_dir(out)
-        self.say("\n" + to_markdown(board))
+        self.say("\n" + to_markdown(board, note))
         self.say(f"results in {self.dir.uri}")
         if not self.o.no_wandb:
             self.log_leaderboard(board, out)
@@ -478,6 +510,7 @@ def collect(grid: Any, phase: str, train_storage: str | None = None) -> tuple[li
             "tasks": ",".join(train["tasks"]), "searched": json.dumps(searched, sort_keys=True, default=str),
             "node_id": metrics.get("node_id"), "node_ip": metrics.get("node_ip"),
             "worker_node_ids": metrics.get("worker_node_ids"), "train_seconds": metrics.get("train_seconds_total"),
+            "epochs": metrics.get("epoch"),  # trained: the budget, an early stop's included
         }
         # Hyperparameters keep their registry/trainer names as columns (metric columns contain "/").
         for key, value in hparams.items():

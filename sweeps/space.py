@@ -34,6 +34,7 @@ SPACE_DIR = Path(__file__).resolve().parent / "search_spaces"  # package data: f
 ALL = "all"
 METHOD_KEY = "method"
 SEP = ":"  # "<method>:<hparam>"; no method or hparam name contains it
+SHARED_MARK = "@"  # "<method>:@<option>": a shared trainer option searched for that method alone
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 _SPEC_KEYS = {
@@ -417,34 +418,50 @@ def declared_params(name: str) -> dict[str, Dist]:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Methods to compare, each method's distributions, and the trainer options searched for all."""
+    """Methods to compare, each method's distributions, and the trainer options searched for all.
+
+    ``per_method`` (the default search): the methods take turns by Optuna trial number, so each gets
+    the same number of trials, and each searches its own copy of the shared options (``ew:@lr``), so
+    TPE models every method apart. Otherwise (``--search joint``) the method is one more categorical
+    and TPE spends the trials where it first got lucky.
+    """
 
     methods: tuple[str, ...]
     params: Mapping[str, Mapping[str, Dist]]
     shared: Mapping[str, Dist]
+    per_method: bool = False
+
+    def method_of(self, trial: "optuna.Trial") -> str:
+        if len(self.methods) == 1:
+            return self.methods[0]
+        if self.per_method:
+            return self.methods[trial.number % len(self.methods)]
+        return trial.suggest_categorical(METHOD_KEY, list(self.methods))
 
     def define_by_run(self, trial: "optuna.Trial") -> dict[str, Any]:
         """Optuna define-by-run space: method, then only its hyperparameters, then shared options.
 
         Returns the constants Ray Tune adds to the config: ``{"method": <chosen>}`` (the method is
-        suggested only when there is a choice).
+        suggested only in a joint search with a choice).
         """
-        if len(self.methods) == 1:
-            method = self.methods[0]
-        else:
-            method = trial.suggest_categorical(METHOD_KEY, list(self.methods))
+        method = self.method_of(trial)
         # Recorded in the study too, so a study read back from storage names every trial's method.
         trial.set_user_attr(METHOD_KEY, method)
         for name, dist in self.params[method].items():
             dist.suggest(trial, qualify(method, name))
         for name, dist in self.shared.items():
-            dist.suggest(trial, name)
+            dist.suggest(trial, self.shared_name(method, name))
         return {METHOD_KEY: method}
+
+    def shared_name(self, method: str, option: str) -> str:
+        """Optuna name of a shared trainer option in a trial of ``method``."""
+        return f"{method}{SEP}{SHARED_MARK}{option}" if self.per_method and len(self.methods) > 1 else option
 
     def optuna_names(self, method: str) -> set[str]:
         """Every Optuna parameter name a trial of ``method`` gets (``method`` when it is a choice)."""
-        chosen = {METHOD_KEY} if len(self.methods) > 1 else set()
-        return chosen | {qualify(method, n) for n in self.params[method]} | set(self.shared)
+        chosen = {METHOD_KEY} if len(self.methods) > 1 and not self.per_method else set()
+        return (chosen | {qualify(method, n) for n in self.params[method]}
+                | {self.shared_name(method, n) for n in self.shared})
 
 
 def qualify(method: str, hparam: str) -> str:
@@ -455,8 +472,9 @@ def qualify(method: str, hparam: str) -> str:
 def split_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """A Tune config -> ``(method, hparams by registry name, shared trainer options)``.
 
-    Qualified keys ``"<method>:<name>"`` are the chosen method's hyperparameters; every other key
-    except ``method`` is passed on as a trainer option (constants the caller added included).
+    Qualified keys ``"<method>:<name>"`` are the chosen method's hyperparameters, ``"<method>:@<option>"``
+    its own copy of a shared trainer option (per-method search); every other key except ``method`` is
+    passed on as a trainer option (constants the caller added included).
     """
     if METHOD_KEY not in config:
         raise ValueError(f"config has no '{METHOD_KEY}' key: {sorted(config)}")
@@ -469,6 +487,8 @@ def split_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[s
         owner, sep, name = key.rpartition(SEP)
         if not sep:
             shared[key] = value
+        elif owner == method and name.startswith(SHARED_MARK):  # a per-method search's own copy
+            shared[name[len(SHARED_MARK):]] = value
         elif owner == method:
             hparams[name] = value
         else:  # define_by_run never does this; a hand-written config might

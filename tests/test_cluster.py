@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = REPO / "cluster" / "local-cluster"
 #: The cheapest sweep that still runs every phase (see tests/test_sweep.py).
 TINY = ["--tasks", "segmentation,depth", "--image-size", "32", "--n-train", "32", "--n-val", "16", "--n-test", "16",
-        "--batch-size", "16", "--epochs", "1", "--seeds", "1", "--scheduler", "fifo", "--no-wandb"]
+        "--batch-size", "16", "--epochs", "1", "--seeds", "1", "--scheduler", "fifo", "--no-wandb",
+        "--reference", "none"]
 
 
 def driver_env() -> dict[str, str]:
@@ -161,7 +162,8 @@ def test_a_plugin_only_the_driver_has_runs_on_both_nodes(local_cluster, tmp_path
     run_sweep("--address", local_cluster["address"], "--storage", str(storage), "--name", "plugin",
               "--plugin", str(plugin), "--dataset", "points", "--tasks", "first,second", "--model", "mlp",
               "--method", "tilted", "--samples", "3", "--n-train", "200", "--n-val", "50", "--n-test", "50",
-              "--batch-size", "32", "--epochs", "1", "--seeds", "1", "--scheduler", "fifo", "--no-wandb")
+              "--batch-size", "32", "--epochs", "1", "--seeds", "1", "--scheduler", "fifo", "--no-wandb",
+              "--reference", "none")
     trials = pd.read_parquet(storage / "plugin" / "trials.parquet")
     assert (trials["status"] == "TERMINATED").all(), trials[["phase", "status", "error"]]
     assert set(trials["node_id"]) == set(cluster_nodes(local_cluster["address"])), trials[["phase", "node_id"]]

@@ -55,11 +55,18 @@ def test_commands_and_package_data_come_from_the_wheel(installed):
 def test_a_tiny_sweep_runs_from_the_installed_command(installed, ray_cluster):
     """``ray_cluster``: the session's cluster runs meanwhile; the sweep starts its own embedded one."""
     storage = installed["cwd"] / "sweeps"
-    done = _run(installed, "amtl-sweep", "--method", "ew,pcgrad", "--samples", "2", "--seeds", "1", "--epochs", "1",
+    done = _run(installed, "amtl-sweep", "--method", "dwa,pcgrad", "--samples", "2", "--seeds", "1", "--epochs", "1",
                 "--tasks", "segmentation,depth", "--image-size", "32", "--n-train", "32", "--n-val", "8",
                 "--n-test", "8", "--batch-size", "16", "--max-concurrent", "1", "--scheduler", "fifo", "--no-wandb",
                 "--storage", str(storage), "--name", "wheel", timeout=840)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
     trials = pd.read_parquet(storage / "wheel" / "trials.parquet")
     assert (trials["status"] == "TERMINATED").all() and set(trials["phase"]) == {"potentials", "search", "seeds"}
+    # The defaults: EW joins as the reference row, and the per-method search gives each of the three
+    # methods --samples trials and the same epochs, whatever TPE would prefer.
+    search = trials[trials["phase"] == "search"]
+    assert search["method"].value_counts().to_dict() == {"dwa": 2, "ew": 2, "pcgrad": 2}
+    assert search.groupby("method")["epochs"].sum().to_dict() == {"dwa": 2, "ew": 2, "pcgrad": 2}
+    board = pd.read_parquet(storage / "wheel" / "leaderboard.parquet")
+    assert sorted(board["method"]) == ["dwa", "ew", "pcgrad"] and set(board["trials"]) == {3}
     assert (storage / "wheel" / "sweep.yaml").is_file()

@@ -86,6 +86,23 @@ def test_every_task_score_has_its_own_interval_over_the_scoring_rows():
     assert math.isnan(lb_row(one, "gls")["test/depth/delta1_ci95"]) and "± n/a" in to_markdown(one)
 
 
+def test_every_method_is_listed_with_its_budget_or_the_reason_it_has_no_score():
+    rows = [{**r, "epochs": 3} for r in seeds("ew", [1.0, 2.0])]
+    rows += [{**trial("dwa-1", "dwa", "search", None, status="ERROR", error="ValueError: loss is nan"), "epochs": 1},
+             {**trial("dwa-2", "dwa", "search", None, status="ERROR", error="ValueError: loss is nan"), "epochs": 2}]
+    rows += [{**trial("gls-1", "gls", "search", None, status="STOPPED"), "epochs": 1}]
+    lb = build_leaderboard(frame(rows), HP, methods=["ew", "dwa", "gls", "cagrad"])
+    assert list(lb["method"]) == ["ew", "cagrad", "dwa", "gls"]  # scored first, then by name
+    assert lb_row(lb, "ew")[["trials", "epochs", "note"]].tolist() == [2, 6, ""]
+    assert lb_row(lb, "dwa")["note"] == "2 of 2 trial(s) failed: ValueError: loss is nan"
+    assert lb_row(lb, "dwa")["epochs"] == 3
+    assert lb_row(lb, "gls")["note"] == "1 of 1 trial(s) stopped early by the scheduler"
+    assert lb_row(lb, "cagrad")["note"] == "never sampled" and lb_row(lb, "cagrad")["trials"] == 0
+    text = to_markdown(lb, note="Joint search: unequal budgets")
+    assert "(2 of 2 trial(s) failed: ValueError: loss is nan)" in text and "(never sampled)" in text
+    assert text.rstrip().endswith("Joint search: unequal budgets")
+
+
 # -- ranking -----------------------------------------------------------------------------------
 def test_overlapping_intervals_share_a_rank():
     # a ~ [-0.5, 4.5], b ~ [0.5, 5.5]: overlap, both rank 1 although a's mean is lower.

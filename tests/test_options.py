@@ -44,6 +44,21 @@ def test_the_command_line_reads_back_into_the_dataclass():
     assert options == replace(SweepOptions(), methods=["ew", "amtl+pcgrad"], no_wandb=True, max_concurrent=3)
 
 
+def test_every_sweep_compares_with_the_reference_unless_told_not_to():
+    parse = lambda *argv: run_sweep.parse_options([*argv, "--no-wandb"])[0].compared  # noqa: E731
+    assert parse("--method", "amtl") == ["amtl", "ew"]  # what `make sweep` compares
+    assert parse("--method", "ew,amtl") == ["ew", "amtl"]
+    assert parse("--method", "amtl", "--reference", "gls") == ["amtl", "gls"]
+    assert parse("--method", "amtl", "--reference", "none") == ["amtl"]
+    assert parse("--method", "all") == ["all"]  # the list of all.yaml (or --space) decides
+
+
+def test_repeatable_plugin_flags_add_up():
+    options, _ = run_sweep.parse_options(["--plugin", "a.py", "--plugin", "b.py,c", "--no-wandb"])
+    assert options.plugins == ["a.py", "b.py", "c"]
+    assert SweepOptions().plugins == [] and TrainConfig().plugins == []  # no shared default list
+
+
 def test_metadata_says_what_enters_the_potentials_fingerprint_and_what_a_search_may_change():
     fingerprint, searchable = set(names_with(TrainConfig, "fingerprint")), set(names_with(TrainConfig, "searchable"))
     assert {"dataset", "n_train", "epochs", "lr", "model"} <= fingerprint

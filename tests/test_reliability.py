@@ -31,7 +31,9 @@ TINY = ["--seeds", "1", "--epochs", "2", "--tasks", "segmentation,depth", "--ima
 
 
 def _sweep(*extra: str, n_train: int = 64, samples: int = 3, method: str = "ew,dwa") -> list[str]:
-    return ["--method", method, "--samples", str(samples), "--n-train", str(n_train), *TINY, *extra]
+    # A joint search: ``samples`` trials in all, the budgets these tests are sized for.
+    return ["--method", method, "--search", "joint", "--samples", str(samples), "--n-train", str(n_train), *TINY,
+            *extra]
 
 
 def _state(sweep_dir: Path) -> dict:

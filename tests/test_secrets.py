@@ -56,7 +56,7 @@ def sweep(tmp_path_factory):
     argv = [sys.executable, str(REPO / "run_sweep.py"), "--method", "amtl", "--samples", "1", "--seeds", "1",
             "--epochs", "1", "--tasks", "segmentation,depth", "--image-size", "32", "--n-train", "32", "--n-val", "16",
             "--n-test", "16", "--batch-size", "16", "--max-concurrent", "2", "--storage", str(storage),
-            "--name", "secret", "--optuna-storage", url]
+            "--name", "secret", "--optuna-storage", url, "--reference", "none"]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:

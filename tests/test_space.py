@@ -1,6 +1,8 @@
 """Search spaces: shipped YAML validates, the Optuna space is conditional, bad files fail clearly."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pickle
 import textwrap
 from pathlib import Path
@@ -96,6 +98,21 @@ def test_conditional_space_suggests_only_the_chosen_methods_params():
     all_names = {n for t in study.trials for n in t.params}
     assert {"amtl:focusing", "dtp:focusing", "amtl+pcgrad:focusing"} <= all_names
     assert "focusing" not in all_names
+
+
+def test_a_per_method_search_gives_every_method_equal_turns_and_its_own_shared_options():
+    space = replace(load_space(MIXED), per_method=True)
+    study = optuna.create_study(sampler=make_sampler(seed=0))
+    study.optimize(_objective(space), n_trials=4 * len(MIXED))
+    turns = [t.user_attrs[METHOD_KEY] for t in study.trials]
+    assert turns == list(MIXED) * 4  # round robin: exactly 4 trials each, in order
+    for trial, method in zip(study.trials, turns):
+        assert METHOD_KEY not in trial.params  # not a choice TPE could favour
+        assert set(trial.params) == space.optuna_names(method)
+        # The shared options are this method's own copies ("ew:@lr"), so TPE models each method apart.
+        assert {f"{method}:@{name}" for name in space.shared} <= set(trial.params)
+        _, _, shared = split_config({**trial.params, METHOD_KEY: method})
+        assert shared == {name: trial.params[f"{method}:@{name}"] for name in space.shared}
 
 
 def test_single_method_is_a_constant_not_a_suggestion():

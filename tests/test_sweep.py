@@ -10,7 +10,7 @@ from sweeps.wandb_offline import find_offline_runs, read_offline_run
 
 TASKS = ["segmentation", "depth"]
 TINY = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, epochs=2,
-            max_concurrent=2, seed=0)
+            max_concurrent=2, seed=0, reference="none")
 
 
 @pytest.fixture(scope="module")

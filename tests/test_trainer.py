@@ -207,3 +207,22 @@ def test_run_context_is_not_a_hyperparameter():
     assert balancers.context_keys("amtl") == {"potentials"}
     assert balancers.context_keys("amtl+pcgrad") == {"potentials", "seed"}
     assert balancers.context_keys("ew") == set()
+
+
+def test_a_seed_pairs_the_runs_of_every_method(tmp_path):
+    """Seed ``s`` gives every method the same initial weights and the same batches, so a comparison
+    across methods at one seed is paired (the seeds phase and the leaderboard rely on it)."""
+    def start(balancer: str, seed: int, **hparams) -> tuple[dict, list[list[int]]]:
+        trainer = Trainer(tiny(balancer=balancer, seed=seed, hparams=hparams), tmp_path / f"{balancer}-{seed}")
+        weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        batches = [[b["index"].tolist() for b in trainer._loader(trainer.data.train, shuffle=True, epoch=e)]
+                   for e in (0, 1)]
+        return weights, batches
+
+    ew, ew_batches = start("ew", 3)
+    for other, hparams in (("uw", {}), ("rlw", {}), ("cagrad", {"c": 0.4})):  # learnable, stochastic, Gramian
+        weights, batches = start(other, 3, **hparams)
+        assert weights.keys() == ew.keys() and all(torch.equal(weights[k], ew[k]) for k in ew), other
+        assert batches == ew_batches, other
+    other_seed, other_batches = start("ew", 4)
+    assert not all(torch.equal(other_seed[k], ew[k]) for k in ew) and other_batches != ew_batches
