@@ -115,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str
             continue
         if o.kind is list:
             parser.add_argument(o.flag, *o.meta.aliases, dest=o.name, type=_comma_list, metavar=o.name.upper(),
-                                default=list(o.default), action="extend" if o.meta.repeatable else "store", help=f"{o.meta.help}; comma-separated".lstrip("; ")
+                                default=list(o.default), action="extend" if o.meta.repeatable else "store",
+                                help=f"{o.meta.help}; comma-separated".lstrip("; ")
                                 + (f" (default: {','.join(o.default)})" if o.default else ""))
             continue
         parser.add_argument(o.flag, *o.meta.aliases, dest=o.name, type=o.kind, default=o.default,

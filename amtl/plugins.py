@@ -48,6 +48,11 @@ def module_name(spec: str) -> str:
     return Path(spec).stem if is_file(spec) else spec
 
 
+def absolute(specs: Iterable[str]) -> list[str]:
+    """``specs`` with every plugin file made absolute (module names unchanged)."""
+    return [str(Path(s).resolve()) if is_file(s) else s for s in specs]
+
+
 def files(specs: Iterable[str]) -> list[Path]:
     """The plugin files among ``specs``, absolute (what a sweep ships to the cluster's nodes)."""
     return [Path(s).resolve() for s in specs if is_file(s)]
@@ -193,4 +198,5 @@ def load_all(specs: Iterable[str] = ()) -> None:
         load(spec)
 
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginError", "SHIPPED_ENV", "files", "load", "load_all", "load_entry_points", "module_name", "unload"]
+__all__ = ["ENTRY_POINT_GROUP", "PluginError", "SHIPPED_ENV", "absolute", "files", "load", "load_all",
+           "load_entry_points", "module_name", "unload"]

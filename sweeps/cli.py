@@ -246,12 +246,12 @@ def connect(address: str | None, plugin_files: Sequence[Path] = ()) -> None:
     from sweeps.worker_setup import HOOK
     if address:
         try:  # on a real cluster the job's runtime environment carries it to every process
-            shipped = {"py_modules": [str(f) for f in plugin_files],
-                       "env_vars": {plugins.SHIPPED_ENV: ",".join(f.stem for f in plugin_files)}} if plugin_files else {}
-            ray.init(address=address, log_to_driver=False,
-                     runtime_env={"env_vars": {**{k: os.environ[k] for k in TRAIN_ENV}, **shipped.get("env_vars", {})},
-                                  "worker_process_setup_hook": HOOK,
-                                  **({"py_modules": shipped["py_modules"]} if shipped else {})})
+            env_vars = {k: os.environ[k] for k in TRAIN_ENV}
+            runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": HOOK}
+            if plugin_files:  # trials import the shipped copies by module name (amtl.plugins)
+                runtime_env["py_modules"] = [str(f) for f in plugin_files]
+                env_vars[plugins.SHIPPED_ENV] = ",".join(f.stem for f in plugin_files)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as err:
             raise SweepError(f"cannot reach the Ray cluster at '{address}' ({str(err).splitlines()[0]}); "
                              f"check the address and that RAY_AUTH_MODE and the token match the cluster") from None

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from amtl.data.labels import SAMPLERS
+from amtl.plugins import absolute as plugin_paths
 from amtl.options import names_with, option
 from amtl.trainer import TrainConfig
 from sweeps import potentials as pot
@@ -111,7 +112,9 @@ class SweepOptions:
 
     def base_train(self) -> dict[str, Any]:
         """The TrainConfig options every trial shares before search and overrides."""
-        return {"plugins": list(self.plugins), "tasks": list(self.tasks), "dataset": self.dataset, "data_root": self.data_root,
+        # Plugin files by absolute path: trial processes do not run in the driver's working directory.
+        return {"plugins": plugin_paths(self.plugins), "tasks": list(self.tasks), "dataset": self.dataset,
+                "data_root": self.data_root,
                 "image_size": self.image_size, "n_train": self.n_train, "n_val": self.n_val,
                 "n_test": self.n_test, "model": self.model, "epochs": self.epochs,
                 "batch_size": self.batch_size, "sampler": self.sampler, "lr": self.lr, "seed": self.seed,

@@ -106,7 +106,8 @@ def world(tmp_path_factory):
         "a-list": "- samples\n",
         "checked": "epochs: -1\n",  # a valid file: its options get the usual checks
     })
-    header = "from amtl.extend import Task, register_task, register_weighting\nfrom amtl.balancers.weightings import _dwa\n"
+    header = ("from amtl.extend import Task, register_task, register_weighting\n"
+              "from amtl.balancers.weightings import _dwa\n")
     plugins = root / "plugins"
     plugins.mkdir()
     for name, body in {
@@ -119,7 +120,8 @@ def world(tmp_path_factory):
                    "    head = sample_losses = metric = None\nregister_task('scored', Scored)\n",
     }.items():
         (plugins / f"bad_plugin_{name}.py").write_text(header + body)
-    return {"root": root, "store": store, "plugins": plugins, "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
+    return {"root": root, "store": store, "plugins": plugins,
+            "corrupt": corrupt, "foreign": foreign, "as_file": as_file,
             "nyu_missing": nyu_missing, "nyu_ragged": nyu_ragged, "nyu_no_depth": nyu_no_depth, "voc": voc,
             "spaces": spaces, "configs": configs}
 
@@ -207,7 +209,8 @@ CASES = [
     ("config-not-a-mapping", "--config {configs}/a-list.yaml", r"must be a mapping of option names to values"),
     ("config-checked", "--config {configs}/checked.yaml", r"--epochs must be at least 1, got -1"),
     ("plugin-missing-file", "--plugin {root}/nowhere.py", r"plugin file '.*nowhere\.py' does not exist; check the"),
-    ("plugin-unknown-module", "--plugin no_such_plugin_module", r"plugin module 'no_such_plugin_module' is not installed"),
+    ("plugin-unknown-module", "--plugin no_such_plugin_module",
+     r"plugin module 'no_such_plugin_module' is not installed"),
     ("plugin-import-error", "--plugin {plugins}/bad_plugin_broken.py",
      r"plugin '.*bad_plugin_broken\.py' failed to import: ZeroDivisionError: division by zero; fix the plugin"),
     ("plugin-abstract-task", "--plugin {plugins}/bad_plugin_abstract.py",

@@ -111,3 +111,11 @@ def test_a_plugin_that_fails_half_way_leaves_no_name_behind(tmp_path):
     with pytest.raises(plugins.PluginError, match="task name 'depth' is taken"):
         plugins.load(str(bad))
     assert "novel" not in TASKS and "half_way_plugin" not in sys.modules
+
+
+def test_a_sweep_hands_its_trials_plugin_files_by_absolute_path(tmp_path, monkeypatch):
+    """Trial processes do not run in the driver's working directory (a relative path failed there)."""
+    from sweeps.runner import SweepOptions
+    monkeypatch.chdir(tmp_path)
+    train = SweepOptions(plugins=["mine/plugin.py", "installed.module"]).base_train()
+    assert train["plugins"] == [str(tmp_path / "mine" / "plugin.py"), "installed.module"]

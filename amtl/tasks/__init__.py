@@ -97,5 +97,5 @@ def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, float],
     return 100.0 * total / len(keys)
 
 
-__all__ = ["Depth", "Detection", "Normal", "Segmentation", "TASKS", "Task", "TaskContractError", "check_task", "delta_m",
-           "directions", "make_task", "register_task", "task_names"]
+__all__ = ["Depth", "Detection", "Normal", "Segmentation", "TASKS", "Task", "TaskContractError", "check_task",
+           "delta_m", "directions", "make_task", "register_task", "task_names"]
