@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 sweep: $(STAMP)
-	RAY_USAGE_STATS_ENABLED=0 $(PY) run_sweep.py --method amtl
+	RAY_USAGE_STATS_ENABLED=0 $(PY) run_sweep.py --method amtl --samples 4
 
 test: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
