@@ -93,40 +93,41 @@ def _check_new_tasks(spec: str, before: dict[str, set[str]]) -> None:
                                   f"metrics ({', '.join(factory.higher_is_better)}); set kpi to one of them")
 
 
-def _import(spec: str) -> ModuleType:
-    name = module_name(spec)
-    if is_file(spec) and name in os.environ.get(SHIPPED_ENV, "").split(","):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            raise PluginError(f"plugin '{spec}' was to be shipped to this node as module '{name}', but it is not "
-                              f"importable here; check the job's runtime_env py_modules") from None
-    if is_file(spec) and Path(spec).is_file():
-        if name in sys.modules:  # imported by the user already: running it again would register twice
-            if getattr(sys.modules[name], "__file__", None) == str(Path(spec).resolve()):
-                return sys.modules[name]
-            raise PluginError(f"plugin '{spec}': a module named '{name}' is imported already; rename the file")
-        module_spec = importlib.util.spec_from_file_location(name, Path(spec).resolve())
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look their module up by name
-        try:
-            module_spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-        return module
-    if is_file(spec) and importlib.util.find_spec(name) is None:  # not shipped here either
-        raise PluginError(f"plugin file '{spec}' does not exist; check the --plugin path")
+def _import_by_name(name: str, missing: str) -> ModuleType:
+    """``import name``; PluginError(``missing``) when that module itself (not one it imports) is absent."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name != name:
             raise
-        raise PluginError(f"plugin module '{spec}' is not installed; pip install it, or pass the path of a "
-                          f"plugin file (--plugin path/to/plugin.py)") from None
+        raise PluginError(missing) from None
+
+
+def _import(spec: str) -> ModuleType:
+    name = module_name(spec)
+    if is_file(spec) and name in os.environ.get(SHIPPED_ENV, "").split(","):
+        return _import_by_name(name, f"plugin '{spec}' was to be shipped to this node as module '{name}', but it "
+                                     f"is not importable here; check the job's runtime_env py_modules")
+    if not is_file(spec):
+        return _import_by_name(name, f"plugin module '{spec}' is not installed; pip install it, or pass the path "
+                                     f"of a plugin file (--plugin path/to/plugin.py)")
+    path = Path(spec).resolve()
+    if not path.is_file():
+        raise PluginError(f"plugin file '{spec}' does not exist; check the --plugin path")
+    if name in sys.modules:  # imported by the user already: running it again would register twice
+        if getattr(sys.modules[name], "__file__", None) == str(path):
+            return sys.modules[name]
+        raise PluginError(f"plugin '{spec}': a module named '{name}' is imported already; rename the file")
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def load(spec: str) -> ModuleType:
