@@ -64,7 +64,7 @@ def _registries() -> dict[str, dict]:
     from amtl.data.registry import DATASETS
     from amtl.models import MODELS_REGISTRY
     from amtl.tasks import TASKS
-    return {"task": TASKS._entries, "dataset": DATASETS._entries, "model": MODELS_REGISTRY._entries,
+    return {"task": TASKS.entries, "dataset": DATASETS.entries, "model": MODELS_REGISTRY.entries,
             "weighting": method._WEIGHTINGS, "aggregator": method._AGGREGATORS, "balancer": method._ALIASES}
 
 
@@ -81,8 +81,8 @@ def _forget_since(before: dict[str, set[str]]) -> None:
 def _check_new_tasks(spec: str, before: dict[str, set[str]]) -> None:
     """Task classes that cannot be built fail here, at load, not inside the first trial."""
     from amtl.tasks import TASKS, Task
-    for name in set(TASKS._entries) - before["task"]:
-        factory = TASKS._entries[name]
+    for name in set(TASKS.entries) - before["task"]:
+        factory = TASKS.entries[name]
         if inspect.isclass(factory) and issubclass(factory, Task) and inspect.isabstract(factory):
             missing = ", ".join(sorted(factory.__abstractmethods__))
             raise PluginError(f"plugin '{spec}': task '{name}' ({factory.__name__}) does not implement {missing}; "
@@ -148,8 +148,9 @@ def load(spec: str) -> ModuleType:
             raise PluginError(f"plugin '{spec}': {e}") from None
         except Exception as e:  # its own bug: say where, keep it one line
             _forget_since(before)
+            shows = f"python {spec}" if is_file(spec) else f"python -c 'import {name}'"
             raise PluginError(f"plugin '{spec}' failed to import: {type(e).__name__}: {e}; fix the plugin "
-                              f"(python -c 'import {name}' shows the traceback)") from None
+                              f"({shows} shows the traceback)") from None
         _loaded[name] = module
         _added[name] = {kind: names - before[kind] for kind, names in _names().items()}
         return module

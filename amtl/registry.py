@@ -24,30 +24,30 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, T] = {}
+        self.entries: dict[str, T] = {}  # the table itself (the plugin loader diffs it)
 
     def add(self, name: str, entry: T) -> T:
         if not isinstance(name, str) or not name.strip() or name != name.strip() or "," in name:
             raise ValueError(f"{self.kind} name {name!r} must be a non-empty word without commas or spaces")
-        if name in self._entries:
+        if name in self.entries:
             raise NameTakenError(f"{self.kind} name '{name}' is taken; choose another name")
-        self._entries[name] = entry
+        self.entries[name] = entry
         return entry
 
     def get(self, name: str) -> T:
-        if name not in self._entries:
+        if name not in self.entries:
             raise UnknownNameError(f"unknown {self.kind} '{name}' (known: {', '.join(self.names())}; "
                                    f"a plugin's names need --plugin)")
-        return self._entries[name]
+        return self.entries[name]
 
     def remove(self, name: str) -> None:
-        self._entries.pop(name, None)
+        self.entries.pop(name, None)
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self.entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self.entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
-from amtl.balancers import HParam, HParamError, hparam_specs
+from amtl.balancers import HParam, HParamError, component, hparam_specs
 from amtl.trainer import OPTIMIZERS, SCHEDULES, TrainConfig
 
 if TYPE_CHECKING:  # Ray Tune is imported only when a searcher is built (it is slow to import)
@@ -382,15 +382,10 @@ def _method_file_params(method: str, space_dir: Path) -> dict[str, Dist]:
     return merged
 
 
-def _component(name: str) -> type | None:
-    from amtl.balancers import method
-    return method._WEIGHTINGS.get(name) or method._AGGREGATORS.get(name)
-
-
 def _from_plugin(name: str) -> bool:
     """Whether a weighting or aggregator came from user code rather than ``amtl.balancers``."""
-    component = _component(name)
-    return component is not None and not component.__module__.startswith("amtl.")
+    cls = component(name)
+    return cls is not None and not cls.__module__.startswith("amtl.")
 
 
 def declared_params(name: str) -> dict[str, Dist]:
@@ -398,7 +393,7 @@ def declared_params(name: str) -> dict[str, Dist]:
     no search-space file): numbers over ``[low, high]`` on their declared scale, choices and
     booleans over their values. Hyperparameters with an open range are left at their default."""
     out: dict[str, Dist] = {}
-    for h in _component(name).hparams:
+    for h in component(name).hparams:
         if h.choices is not None:
             out[h.name] = Dist("categorical", choices=tuple(h.choices))
         elif h.kind == "bool":

@@ -6,11 +6,11 @@ your own: ``backward(method, losses, shared=..., heads=...)`` then ``optimizer.s
 ``examples/own_loop.py``).
 """
 from amtl.balancers.base import Aggregator, HParam, HParamError, StepInputs, Weighting, gramian_of
-from amtl.balancers.method import (CONTEXT_KEYS, SOURCES, Method, StepReport, backward, context_keys, hparam_specs,
-                                   make, names,
-                                   register_aggregator, register_alias, register_weighting, registry)
+from amtl.balancers.method import (CONTEXT_KEYS, SOURCES, Method, StepReport, backward, component, context_keys,
+                                   hparam_specs, make, names, register_aggregator, register_alias, register_weighting,
+                                   registry)
 from amtl.balancers import aggregators, weightings  # noqa: E402,F401  (registers every method)
 
 __all__ = ["Aggregator", "CONTEXT_KEYS", "HParam", "HParamError", "Method", "SOURCES", "StepInputs", "StepReport",
-           "Weighting", "backward", "context_keys", "gramian_of", "hparam_specs", "make", "names", "register_aggregator",
-           "register_alias", "register_weighting", "registry"]
+           "Weighting", "backward", "component", "context_keys", "gramian_of", "hparam_specs", "make", "names",
+           "register_aggregator", "register_alias", "register_weighting", "registry"]

@@ -86,6 +86,11 @@ def _resolve(name: str) -> tuple[str, str | None]:
     raise HParamError(f"unknown balancer '{name}' (known: {', '.join(names())}, or weighting+aggregator)")
 
 
+def component(name: str) -> type[Weighting] | type[Aggregator] | None:
+    """The weighting or aggregator class registered as ``name`` (None for aliases and unknown names)."""
+    return _WEIGHTINGS.get(name) or _AGGREGATORS.get(name)
+
+
 def names() -> list[str]:
     """Every single method name (combinations ``weighting+aggregator`` are also accepted)."""
     return sorted(set(_WEIGHTINGS) | set(_AGGREGATORS) | set(_ALIASES))
