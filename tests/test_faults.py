@@ -189,6 +189,8 @@ def test_driver_killed_twice_then_resumed_keeps_every_finished_trial_once(kill_r
     text = log.read_text()
     assert "[search] resuming the experiment" in text and "[seeds] resuming the experiment" in text
     assert "[search] already done" in text
+    # A joint search (kill_resume's sweep) says on its leaderboard that the budgets were unequal.
+    assert "Joint search (--search joint)" in (sweep_dir / "leaderboard.md").read_text()
     counts = kr.check(sweep_dir, kept)  # each finished trial once, no duplicate history rows
     trials = pd.read_parquet(sweep_dir / "trials.parquet")
     assert trials.groupby("phase").size().to_dict() == {"potentials": 2, "search": 3,
