@@ -55,7 +55,7 @@ def absolute(specs: Iterable[str]) -> list[str]:
 
 def files(specs: Iterable[str]) -> list[Path]:
     """The plugin files among ``specs``, absolute (what a sweep ships to the cluster's nodes)."""
-    return [Path(s).resolve() for s in specs if is_file(s)]
+    return [Path(s) for s in absolute(specs) if is_file(s)]
 
 
 def _registries() -> dict[str, dict]:

@@ -114,12 +114,7 @@ class TrainConfig:
         plugins.load_all(self.plugins)  # first: their names are used below
         if not self.tasks:
             raise ConfigError("no tasks given; pass e.g. --tasks segmentation,depth,normal")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset '{self.dataset}' (known: {', '.join(DATASETS.names())}; a plugin's "
-                              f"dataset needs --plugin)")
-        if self.model not in MODELS_REGISTRY:
-            raise ConfigError(f"unknown model '{self.model}' (known: {', '.join(MODELS_REGISTRY.names())}; a plugin's "
-                              f"model needs --plugin)")
+        DATASETS.get(self.dataset), MODELS_REGISTRY.get(self.model)  # UnknownNameError lists the known names
         unknown = [t for t in self.tasks if t not in task_names()]
         if unknown:
             raise ConfigError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(task_names())})")

@@ -49,9 +49,9 @@ from matplotlib.figure import Figure
 OK_STATUS = "TERMINATED"
 FAILED_STATUS = "ERROR"
 STOPPED_STATUS = "STOPPED"  # ended early by the scheduler (ASHA)
+CI_SUFFIX = "_ci95"  # beside each per-task column: its 95% interval's half-width
 # Columns a caller might list as hyperparameters by mistake; they differ between seed reruns of
 # one configuration, so grouping by them would split a configuration.
-CI_SUFFIX = "_ci95"  # beside each per-task column: its 95% interval's half-width
 _NOT_HPARAMS = {"seed", "trial_id", "phase", "method", "status", "error", "node_id", "train_seconds"}
 # Saved PNG metadata names the matplotlib version by default; drop it so bytes depend on data only.
 _PNG_META = {"Software": None}

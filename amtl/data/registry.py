@@ -76,10 +76,7 @@ def register_dataset(name: str, build: DatasetBuilder, tasks: Sequence[str]) -> 
 
 
 def dataset_tasks(name: str) -> tuple[str, ...]:
-    """The tasks dataset ``name`` can label; DatasetConfigError when there is no such dataset."""
-    if name not in DATASETS:
-        raise DatasetConfigError(f"unknown dataset '{name}' (known: {', '.join(DATASETS.names())}; "
-                                 f"a plugin's dataset needs --plugin)")
+    """The tasks dataset ``name`` can label (UnknownNameError when there is no such dataset)."""
     return DATASETS.get(name).tasks
 
 
