@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sweeps.cli import BadInput, check_options, connect
     try:
         check_options(options)
-        connect(options.address, plugins.files(options.plugins))
+        connect(options.address, plugins.files(options.train.plugins))
         from sweeps.runner import run
         run(options)
     except BadInput as err:

@@ -4,6 +4,10 @@
 names, types, choices and help are never restated) and :func:`from_namespace` reads it back;
 :func:`read_yaml` and :func:`to_yaml` carry the same options in a file. Metadata says what else a
 field is: part of the single-task potentials' fingerprint, or searchable by a sweep.
+
+A field whose type is itself such a dataclass (a sweep's ``train: TrainConfig``) contributes its
+fields under their own names: one flat command line and file, one home per option.
+:func:`with_values` changes options by those flat names, wherever they live.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class Meta:
     searchable: bool = False             # a search space may search it
     cli: bool = True                     # False: set in code or files only (e.g. a dict)
     repeatable: bool = False             # a list flag that may be given again to add more
+    hide: tuple[str, ...] = ()           # a nested dataclass field: its fields the owner sets itself
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", factory: Callable[[], Any] | None = None,
@@ -58,6 +63,7 @@ class Option:
     optional: bool                # None is a valid value
     default: Any
     meta: Meta
+    path: tuple[str, ...] = ()    # the nested dataclass fields it lives in (() for the top level)
 
     @property
     def flag(self) -> str:
@@ -79,16 +85,20 @@ def _kind(annotation: Any) -> tuple[type, bool]:
     return origin, False
 
 
-def options(cls: type) -> Iterator[Option]:
-    """The fields of the dataclass ``cls`` declared with :func:`option`, in order."""
+def options(cls: type, _path: tuple[str, ...] = (), _hide: Sequence[str] = ()) -> Iterator[Option]:
+    """The fields of the dataclass ``cls`` declared with :func:`option`, in order; a nested options
+    dataclass's fields in its place (less those its field's ``hide`` names)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata.get(KEY)
-        if meta is None:
+        if meta is None or f.name in _hide:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from options(hints[f.name], (*_path, f.name), meta.hide)
             continue
         kind, optional = _kind(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        yield Option(f.name, kind, optional, default, meta)
+        yield Option(f.name, kind, optional, default, meta, _path)
 
 
 def names_with(cls: type, flag: str) -> tuple[str, ...]:
@@ -101,10 +111,19 @@ def _comma_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """One flag per field of ``cls`` (fields with ``cli=False`` and those in ``skip`` left out)."""
+    """One flag per field of ``cls`` (fields with ``cli=False`` and those in ``skip`` left out); a nested
+    options dataclass's flags in a group of their own, titled by its field's help."""
+    groups: dict[tuple[str, ...], Any] = {}
+    top = parser
     for o in options(cls):
         if not o.meta.cli or o.name in skip:
             continue
+        parser = top
+        if o.path:
+            if o.path not in groups:
+                owner = next(f for f in dataclasses.fields(cls) if f.name == o.path[0])
+                groups[o.path] = top.add_argument_group(f"{o.path[0]} ({owner.metadata[KEY].help})")
+            parser = groups[o.path]
         shown = f" (default: {o.default})" if o.default not in (None, False, "", [], ()) else ""
         if o.kind is bool:
             if o.default:
@@ -150,7 +169,37 @@ def from_namespace(cls: type, args: argparse.Namespace, **values: Any) -> Any:
     """An instance of ``cls`` from parsed arguments (fields without a flag keep their default unless
     given in ``values``)."""
     given = {o.name: getattr(args, o.name) for o in options(cls) if hasattr(args, o.name)}
-    return cls(**{**given, **values})
+    return with_values(cls(), **{**given, **values})
+
+
+def with_values(obj: Any, **values: Any) -> Any:
+    """A copy of the options dataclass ``obj`` with ``values`` (flat option names, nested ones
+    included: ``with_values(sweep, n_train=500)`` sets ``sweep.train.n_train``)."""
+    known = {o.name: o for o in options(type(obj))}
+    by_path: dict[tuple[str, ...], dict[str, Any]] = {}
+    for name, value in values.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise TypeError(f"{type(obj).__name__} has no option '{name}'"
+                            + (f"; did you mean '{close[0]}'?" if close else ""))
+        by_path.setdefault(known[name].path, {})[name] = value
+    return _replaced(obj, (), by_path)
+
+
+def _replaced(obj: Any, path: tuple[str, ...], by_path: Mapping[tuple[str, ...], dict[str, Any]]) -> Any:
+    changes = dict(by_path.get(path, {}))
+    for f in dataclasses.fields(obj):
+        inner = (*path, f.name)
+        if any(p[:len(inner)] == inner for p in by_path):
+            changes[f.name] = _replaced(getattr(obj, f.name), inner, by_path)
+    return dataclasses.replace(obj, **changes)
+
+
+def value_of(obj: Any, o: Option) -> Any:
+    """Option ``o``'s value in ``obj`` (followed down its nested fields)."""
+    for name in o.path:
+        obj = getattr(obj, name)
+    return getattr(obj, o.name)
 
 
 def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
@@ -193,7 +242,7 @@ def to_yaml(obj: Any, skip: Sequence[str] = (), header: str = "") -> str:
     for o in options(type(obj)):
         if o.name in skip:
             continue
-        value = getattr(obj, o.name)
+        value = value_of(obj, o)
         values[o.name] = list(value) if isinstance(value, tuple) else value
     body = yaml.safe_dump(values, sort_keys=False, default_flow_style=None, allow_unicode=True)
     return "".join(f"# {line}\n" for line in header.splitlines()) + body

@@ -62,9 +62,9 @@ class TrainConfig:
     data_root: str | None = option(None, fingerprint=True,
                                    help="dataset root for real datasets; partial: voc=DIR,nyuv2=DIR")
     image_size: int = option(64, fingerprint=True, help="image side in pixels")
-    n_train: int = option(3000, fingerprint=True, help="training samples")
-    n_val: int = option(500, fingerprint=True, help="validation samples")
-    n_test: int = option(500, fingerprint=True, help="test samples")
+    n_train: int = option(1000, fingerprint=True, help="training samples")
+    n_val: int = option(200, fingerprint=True, help="validation samples")
+    n_test: int = option(200, fingerprint=True, help="test samples")
     augment: bool = option(False, fingerprint=True, searchable=True, help="random scale-crop and flip (NYUv2)")
     model: str = option("small", fingerprint=True, help="small, a torchvision backbone name, or a plugin's model")
     width: int | None = option(None, fingerprint=True, help="channel width of the small model")
@@ -74,7 +74,7 @@ class TrainConfig:
     hparams: dict[str, Any] = option(factory=dict, cli=False, help="balancer hyperparameters")
     potentials: dict[str, float] | None = option(None, cli=False,
                                                  help="single-task KPI of each task (run context of AMTL)")
-    epochs: int = option(5, fingerprint=True, help="training budget in epochs")
+    epochs: int = option(3, fingerprint=True, help="training budget in epochs (of every trial of a sweep)")
     steps_per_epoch: int | None = option(None, fingerprint=True,
                                          help="cap on steps per epoch (default: one pass over the training set)")
     batch_size: int = option(32, fingerprint=True, searchable=True, help="global batch size")
@@ -89,7 +89,8 @@ class TrainConfig:
     amp: bool = option(True, help="disable autocast on CUDA (ignored on CPU)")
     amp_dtype: str = option("bfloat16", choices=AMP_DTYPES,
                             help="autocast dtype on CUDA: bfloat16, or float16 (adds a gradient scaler)")
-    seed: int = option(0, help="initialisation, data order and stochastic balancers")
+    seed: int = option(0, help="initialisation, data order and stochastic balancers (a sweep: also the "
+                                        "searcher's seed, and the first of --seeds)")
     data_seed: int = option(0, fingerprint=True, help="which rendered dataset (kept across --seed, so seeds "
                                                       "compare like with like)")
     num_workers: int = option(0, help="data-loader worker processes")

@@ -38,15 +38,15 @@ def main() -> None:
     from amtl.trainer import TrainConfig, Trainer
     from sweeps.cli import connect
     from sweeps.runner import DRIVER_RESOURCES
-    from sweeps.trial import TRIAL_KEY, run_trial, train_loop_per_worker
+    from sweeps.trial import TRIAL_KEY, TrialSpec, run_trial, train_loop_per_worker
 
     train = dict(tasks=["segmentation", "depth", "normal"], image_size=args.image_size, n_train=args.n_train,
                  n_val=128, n_test=128, epochs=args.epochs, batch_size=32, threads=1, log_every=1000)
     build_datasets("scenes", train["tasks"], image_size=args.image_size, n_train=args.n_train, n_val=128,
                    n_test=128)  # render once, outside every timing
     storage = tempfile.mkdtemp(prefix="bench-sweep-")
-    spec = {"phase": "bench", "train": train, "workers": 1, "cpus_per_worker": 1, "threads": 1,
-            "train_storage": f"{storage}/train"}
+    spec = TrialSpec(phase="bench", train=TrainConfig(**train).to_dict(), searched={}, workers=1, cpus_per_worker=1,
+                     gpus_per_worker=0, train_storage=f"{storage}/train", max_failures=2)
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -58,7 +58,7 @@ def main() -> None:
     connect(None)
     slots = int(ray.cluster_resources()["CPU"])
     start = time.perf_counter()
-    TorchTrainer(train_loop_per_worker, train_loop_config=spec, torch_config=TorchConfig(backend="gloo"),
+    TorchTrainer(train_loop_per_worker, train_loop_config=spec.to_dict(), torch_config=TorchConfig(backend="gloo"),
                  scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(name="bench-train", storage_path=f"{storage}/direct")).fit()
     train_wall = time.perf_counter() - start
@@ -66,7 +66,7 @@ def main() -> None:
     def tune_run(name: str, n: int) -> tuple[float, pd.DataFrame]:
         start = time.perf_counter()
         grid = tune.Tuner(tune.with_resources(run_trial, DRIVER_RESOURCES),
-                          param_space={TRIAL_KEY: spec, "override": tune.grid_search([{"seed": s} for s in range(n)])},
+                          param_space={TRIAL_KEY: tune.grid_search([spec.with_train(seed=s).to_dict() for s in range(n)])},
                           tune_config=tune.TuneConfig(max_concurrent_trials=slots),
                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0)).fit()
         wall = time.perf_counter() - start

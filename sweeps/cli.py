@@ -16,7 +16,7 @@ from amtl.data.registry import DatasetConfigError, build_datasets
 from amtl.models import ModelContractError
 from amtl.registry import UnknownNameError
 from amtl.tasks import TaskContractError
-from amtl.trainer import ConfigError, TrainConfig
+from amtl.trainer import ConfigError
 from sweeps import lock, processes
 from sweeps.potentials import PotentialsError
 from sweeps.runner import SweepError, SweepOptions
@@ -29,16 +29,17 @@ BadInput = (SweepError, SpaceError, HParamError, ConfigError, DatasetConfigError
 
 
 def check_options(o: SweepOptions) -> None:
-    plugins.load_all(o.plugins)  # first: methods, tasks, datasets and models may be theirs
-    for name in ("samples", "seeds", "epochs", "workers_per_trial"):
-        if getattr(o, name) < 1:
-            raise SweepError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
+    plugins.load_all(o.train.plugins)  # first: methods, tasks, datasets and models may be theirs
+    for name, value in (("samples", o.samples), ("seeds", o.seeds), ("epochs", o.train.epochs),
+                        ("workers_per_trial", o.workers_per_trial)):
+        if value < 1:
+            raise SweepError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     _check_numbers(o)
     if o.max_concurrent is not None and o.max_concurrent < 1:
         raise SweepError(f"--max-concurrent must be at least 1, got {o.max_concurrent}")
     _check_name(o.name)
-    if o.kpi is not None and o.kpi not in o.tasks:
-        raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.tasks)})")
+    if o.kpi is not None and o.kpi not in o.train.tasks:
+        raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.train.tasks)})")
     if o.space is not None and Path(o.space).is_dir():
         raise SweepError(f"--space '{o.space}' is a directory; give one YAML file (a method file, or a sweep "
                          f"file like sweeps/search_spaces/all.yaml)")
@@ -47,12 +48,12 @@ def check_options(o: SweepOptions) -> None:
     if not o.address:  # an embedded cluster has this machine's resources, no more
         _check_fits_this_machine(o)
     load_space(o.compared, Path(o.space) if o.space else None)  # unknown method/hparam, bad ranges
-    train = TrainConfig.from_dict(o.base_train())
+    train = o.trial_train
     train.validate()
-    if o.dataset in ("scenes", "partial") and o.data_root is None:
+    if train.dataset in ("scenes", "partial") and train.data_root is None:
         _check_rendered_tasks(o)  # rendered on first use inside the trials; nothing on disk to check
     else:  # real or plugin data: check it builds now, not inside the first trial
-        build_datasets(o.dataset, o.tasks, root=train.data_root, image_size=train.image_size, n_train=train.n_train,
+        build_datasets(train.dataset, train.tasks, root=train.data_root, image_size=train.image_size, n_train=train.n_train,
                        n_val=train.n_val, n_test=train.n_test, seed=train.data_seed, cache_dir=train.cache_dir)
     if o.optuna_storage is not None:
         _check_sqlalchemy_url(o.optuna_storage)
@@ -78,8 +79,8 @@ def _check_numbers(o: SweepOptions) -> None:
     if not (math.isfinite(o.gpus_per_trial) and o.gpus_per_trial >= 0):
         raise SweepError(f"--gpus-per-trial must be >= 0 and finite, got {o.gpus_per_trial}; pass e.g. "
                          f"--gpus-per-trial 0 (CPU only) or 0.5 (two trials share a GPU)")
-    if not (math.isfinite(o.lr) and o.lr > 0):
-        raise SweepError(f"--lr must be > 0 and finite, got {o.lr}; pass e.g. --lr 0.002")
+    if not (math.isfinite(o.train.lr) and o.train.lr > 0):
+        raise SweepError(f"--lr must be > 0 and finite, got {o.train.lr}; pass e.g. --lr 0.002")
 
 
 def _check_name(name: str) -> None:
@@ -142,7 +143,7 @@ def _check_existing(o: SweepOptions, storage: Storage) -> None:
 
     check_resume(o, storage)
     if not o.recompute_potentials and storage.exists(pot.FILE):
-        pot.check(storage, o.base_train(), o.tasks)
+        pot.check(storage, o.trial_train.to_dict(), o.train.tasks)
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -169,7 +170,7 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
 
 def _check_rendered_tasks(o: SweepOptions) -> None:
     from amtl.data.registry import check_tasks, dataset_tasks
-    check_tasks(o.dataset, o.tasks, dataset_tasks(o.dataset))
+    check_tasks(o.train.dataset, o.train.tasks, dataset_tasks(o.train.dataset))
 
 
 def _check_sqlalchemy_url(url: str) -> None:

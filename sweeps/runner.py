@@ -18,14 +18,13 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from amtl.data.labels import SAMPLERS
 from amtl.plugins import absolute as plugin_paths
-from amtl.options import names_with, option
+from amtl.options import names_with, option, with_values
 from amtl.trainer import TrainConfig
 from sweeps import potentials as pot
 from sweeps.interrupts import Interrupted, StopSignals
 from sweeps.storage import Storage
-from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, run_trial
+from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, TrialSpec, run_trial
 
 PHASES = ("potentials", "search", "seeds")
 SEARCHES = ("per-method", "joint")
@@ -43,34 +42,25 @@ class TrialsLost(RuntimeError):
     """Trials of a phase ended in errors after their retries; the phase is not done."""
 
 
+#: TrainConfig options a sweep sets for each trial itself (from the search, the phase and the
+#: resources), so they are neither flags nor config-file keys of a sweep.
+SET_BY_SWEEP = ("balancer", "hparams", "potentials", "device", "threads")
+
+
 @dataclass
 class SweepOptions:
-    """Everything ``run_sweep.py`` accepts: its flags and ``--config`` file keys come from these fields."""
+    """Everything ``run_sweep.py`` accepts: its flags and ``--config`` file keys come from these fields,
+    and from those of ``train`` (every :class:`TrainConfig` option but :data:`SET_BY_SWEEP`)."""
 
     methods: list[str] = option(help="balancer names, weighting+aggregator combinations, or 'all'",
                                 factory=lambda: ["amtl"], flag="--method", aliases=("--methods",))
-    plugins: list[str] = option(help="user code to load first: a .py file or a module name that registers tasks, "
-                                     "datasets, models or balancers (repeatable; see docs/extending.md)",
-                                factory=list, flag="--plugin", repeatable=True)
     reference: str = option("ew", help="baseline every sweep compares with, added to --method (equal weighting: the "
                                        "row every paper reports); 'none' leaves it out")
     space: str | None = option(None, help="search-space YAML overriding the built-in ones (sweeps/search_spaces/)")
     samples: int = option(6, help="search trials of each method (per-method search), or in all (joint)")
     seeds: int = option(3, help="seeds for each method's best config")
-    epochs: int = option(3, help="training budget of every trial")
-    dataset: str = option("scenes", help="scenes (rendered), nyuv2, voc, partial (sources labelled for "
-                                         "different tasks; see README), or a plugin's dataset")
-    data_root: str | None = option(None, help="root of a real dataset; partial: voc=DIR,nyuv2=DIR")
-    tasks: list[str] = option(help="tasks every trial trains", factory=lambda: ["segmentation", "depth", "normal"])
-    model: str = option("small", help="small, a torchvision backbone name, or a plugin's model")
-    image_size: int = option(64, help="image side in pixels")
-    n_train: int = option(1000, help="training samples")
-    n_val: int = option(200, help="validation samples")
-    n_test: int = option(200, help="test samples")
-    batch_size: int = option(32, help="global batch size (split over workers)")
-    sampler: str = option("random", choices=SAMPLERS,
-                          help="task-balanced: draw samples of rarely labelled tasks more often (partial dataset)")
-    lr: float = option(2e-3, help="learning rate where the search space does not search it")
+    train: TrainConfig = option(factory=TrainConfig, hide=SET_BY_SWEEP,
+                                help="what every trial trains: data, model, tasks, budget, optimiser")
     scheduler: str = option("asha", choices=("asha", "fifo"), help="Tune's trial scheduler for the search "
                                                                    "(per-method search: one ASHA per method)")
     search: str = option("per-method", choices=SEARCHES,
@@ -91,11 +81,16 @@ class SweepOptions:
     no_wandb: bool = option(False, help="no W&B runs")
     optuna_storage: str | None = option(None, help="SQLAlchemy URL of the Optuna study (default: SQLite file)")
     kpi: str | None = option(None, help="optimise this task's validation KPI instead of Delta-m")
-    seed: int = option(0, help="searcher seed and first training seed")
     max_failures: int = option(2, help="restarts of a trial whose process dies, from its last checkpoint")
     stall_timeout: float = option(3600.0, help="seconds a phase may go without any trial progress (trials waiting "
                                                "for resources, a stuck trial) before the sweep ends with an error "
                                                "saying what it waited for; longer than one epoch")
+
+    @classmethod
+    def of(cls, **values: Any) -> "SweepOptions":
+        """The defaults with ``values`` by option name, training options included:
+        ``SweepOptions.of(methods=["amtl"], n_train=500)``."""
+        return with_values(cls(), **values)
 
     @property
     def compared(self) -> list[str]:
@@ -110,16 +105,14 @@ class SweepOptions:
         """Tune's objective: validation Delta-m (min) unless a task's KPI is named (max)."""
         return (f"kpi/{self.kpi}", "max") if self.kpi else ("val_delta_m", "min")
 
-    def base_train(self) -> dict[str, Any]:
-        """The TrainConfig options every trial shares before search and overrides."""
-        # Plugin files by absolute path: trial processes do not run in the driver's working directory.
-        return {"plugins": plugin_paths(self.plugins), "tasks": list(self.tasks), "dataset": self.dataset,
-                "data_root": self.data_root,
-                "image_size": self.image_size, "n_train": self.n_train, "n_val": self.n_val,
-                "n_test": self.n_test, "model": self.model, "epochs": self.epochs,
-                "batch_size": self.batch_size, "sampler": self.sampler, "lr": self.lr, "seed": self.seed,
-                "data_seed": 0,
-                "device": "cuda" if self.gpus_per_trial > 0 else "cpu", "log_every": 50}
+    @property
+    def trial_train(self) -> TrainConfig:
+        """``train`` as every trial of this sweep starts from: the device and CPU threads from the
+        trial's resources; plugin files by absolute path (trial processes do not run in the driver's
+        working directory). A phase sets the method, its hyperparameters and the seed."""
+        per_worker = self.cpus_per_trial / self.workers_per_trial
+        return replace(self.train, plugins=plugin_paths(self.train.plugins), tasks=tuple(self.train.tasks),
+                       device="cuda" if self.gpus_per_trial > 0 else "cpu", threads=max(1, int(per_worker)))
 
 
 def check_resume(o: SweepOptions, storage: Storage) -> bool:
@@ -238,23 +231,21 @@ class Sweep:
             self.dir.write_bytes(data, STATE)
         self._saved_state = data
 
-    # -- shared trial spec -----------------------------------------------------------------
-    def spec(self, phase: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # -- trial specs ------------------------------------------------------------------------
+    def trial_spec(self, phase: str, potentials: pot.Potentials | None = None) -> TrialSpec:
+        """What every trial of ``phase`` shares: the phase completes it per trial (its task, its search
+        values, its seed); the method's hyperparameters start empty."""
         o = self.o
-        spec: dict[str, Any] = {
-            "phase": phase, "train": self.o.base_train(), "workers": o.workers_per_trial,
-            "cpus_per_worker": o.cpus_per_trial / o.workers_per_trial,
-            "gpus_per_worker": o.gpus_per_trial / o.workers_per_trial,
-            "threads": max(1, int(o.cpus_per_trial / o.workers_per_trial)),
-            "train_storage": self.dir.uri_of(phase, "train"), "max_failures": o.max_failures,
-        }
+        wandb = None
         if not o.no_wandb:
             from sweeps.tracking import resolve_mode
-            spec["wandb"] = {"project": o.wandb_project, "entity": o.wandb_entity, "group": o.name,
-                             "job_type": phase, "tags": [], "directory": str(self.local_dir / "wandb"),
-                             "mode": resolve_mode()}
-        spec.update(extra or {})
-        return spec
+            wandb = {"project": o.wandb_project, "entity": o.wandb_entity, "group": o.name,
+                     "job_type": phase, "tags": [], "directory": str(self.local_dir / "wandb"), "mode": resolve_mode()}
+        return TrialSpec(phase=phase, train={**o.trial_train.to_dict(), "hparams": {}}, searched={},
+                         workers=o.workers_per_trial, cpus_per_worker=o.cpus_per_trial / o.workers_per_trial,
+                         gpus_per_worker=o.gpus_per_trial / o.workers_per_trial,
+                         train_storage=self.dir.uri_of(phase, "train"), max_failures=o.max_failures,
+                         baselines=potentials.baselines if potentials is not None else None, wandb=wandb)
 
     def tuner(self, phase: str, param_space: dict[str, Any], tune_config: Any) -> Any:
         from ray import tune
@@ -327,17 +318,17 @@ class Sweep:
     def run_potentials(self) -> pot.Potentials:
         from ray import tune
 
-        train = self.o.base_train()
-        tasks = self.o.tasks
+        train = self.o.trial_train.to_dict()
+        tasks = self.o.train.tasks
         cached, missing = (None, list(tasks)) if self.o.recompute_potentials else pot.load(self.storage, train, tasks)
         if cached is not None:
             self.say(f"[potentials] reusing single-task results for {', '.join(tasks)} from "
                      f"{self.storage.uri_of(pot.FILE)}")
             return cached
         self.say(f"[potentials] training single-task models for {', '.join(missing)}")
-        overrides = [{"tasks": [t], "balancer": "ew", "hparams": {}} for t in missing]
-        tuner = self.tuner("potentials", {TRIAL_KEY: self.spec("potentials"),
-                                          "override": tune.grid_search(overrides)},
+        base = self.trial_spec("potentials")
+        specs = [base.with_train(tasks=[task], balancer="ew").to_dict() for task in missing]
+        tuner = self.tuner("potentials", {TRIAL_KEY: tune.grid_search(specs)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
         rows, history = self.fit("potentials", tuner)
         failed = [r for r in rows if r["status"] != "TERMINATED"]
@@ -362,6 +353,7 @@ class Sweep:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
         from ray.tune.search import ConcurrencyLimiter
 
+        from sweeps.optuna_search import SpecSearcher
         from sweeps.schedulers import PerMethodASHA
         from sweeps.space import default_storage_url, load_space, make_searcher
 
@@ -371,11 +363,12 @@ class Sweep:
         metric, mode = self.o.metric
         storage_url = self.o.optuna_storage or (default_storage_url(self.storage.root, self.o.name)
                                                 if self.storage.is_local else None)
-        searcher = ConcurrencyLimiter(make_searcher(space, metric, mode, self.o.seed, storage_url,
-                                                    study_name=self.o.name), max_concurrent=self.concurrency())
+        optuna = make_searcher(space, metric, mode, self.o.train.seed, storage_url, study_name=self.o.name)
+        searcher = ConcurrencyLimiter(SpecSearcher(optuna, self.trial_spec("search", potentials),
+                                                   potentials.potentials), max_concurrent=self.concurrency())
         # max_t one past the budget: ASHA stops a trial that *reaches* max_t, which would cut off
         # its final report (the test metrics), sent after the last epoch with the same epoch number.
-        asha = {"time_attr": "epoch", "max_t": self.o.epochs + 1, "grace_period": 1, "reduction_factor": 2}
+        asha = {"time_attr": "epoch", "max_t": self.o.train.epochs + 1, "grace_period": 1, "reduction_factor": 2}
         if self.o.scheduler == "fifo":
             scheduler = FIFOScheduler()
         elif per_method:
@@ -386,8 +379,7 @@ class Sweep:
         each = f"{self.o.samples} per method, " if per_method and len(space.methods) > 1 else ""
         self.say(f"[search] {samples} trial(s) ({each}{self.o.search}) over {', '.join(space.methods)} "
                  f"({self.o.scheduler}, objective {metric} {mode})")
-        tuner = self.tuner("search", {TRIAL_KEY: self.spec("search", potentials.as_spec())},
-                           tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+        tuner = self.tuner("search", {}, tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                            metric=metric, mode=mode))
         self.fit("search", tuner)
 
@@ -405,10 +397,13 @@ class Sweep:
                 best[row["method"]] = row
         if not best:
             raise RuntimeError("no search trial finished; nothing to rerun over seeds (see trials.parquet errors)")
-        runs = [{"searched": row["searched"], "seed": seed} for row in best.values() for seed in range(self.o.seeds)]
+        base = self.trial_spec("seeds", potentials)
+        first = self.o.train.seed
+        # Seed s is the same s for every method: the same initial weights and data order (paired runs).
+        specs = [base.with_search(json.loads(row["searched"]), potentials.potentials).with_train(seed=seed).to_dict()
+                 for row in best.values() for seed in range(first, first + self.o.seeds)]
         self.say(f"[seeds] best config of {', '.join(best)} x {self.o.seeds} seed(s)")
-        tuner = self.tuner("seeds", {TRIAL_KEY: self.spec("seeds", potentials.as_spec()),
-                                     "seeded": tune.grid_search(runs)},
+        tuner = self.tuner("seeds", {TRIAL_KEY: tune.grid_search(specs)},
                            tune.TuneConfig(max_concurrent_trials=self.concurrency()))
         self.fit("seeds", tuner)
 
@@ -496,12 +491,11 @@ def collect(grid: Any, phase: str, train_storage: str | None = None) -> tuple[li
     carries a checkpoint, and Train keeps each checkpoint's metrics): Tune's own ``result.json`` of a
     trial restored after a driver crash starts empty, because Tune sees no *Tune* checkpoint of it.
     """
-    from sweeps.trial import resolve_trial
-
     rows, history = [], []
     for result in grid:
         metrics = dict(result.metrics or {})
-        train, method, hparams, searched = resolve_trial(result.config)
+        spec = TrialSpec.of(result.config)
+        train, method, hparams, searched = spec.train, spec.method, spec.train["hparams"], spec.searched
         trial_id = metrics.get("trial_id") or Path(result.path).name
         # STOPPED: ended early by the scheduler (ASHA), so it has no test metrics. A trial that
         # reported FAILED_KEY (e.g. its loss diverged) ended on purpose but is a failure all the same.

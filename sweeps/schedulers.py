@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from sweeps.space import METHOD_KEY
+from sweeps.trial import TrialSpec
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class PerMethodASHA(FIFOScheduler):
-    """An :class:`AsyncHyperBandScheduler` per method (``trial.config["method"]``); trials run FIFO."""
+    """An :class:`AsyncHyperBandScheduler` per method (its :class:`TrialSpec`'s); trials run FIFO."""
 
     def __init__(self, *, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
                  metric: str | None = None, mode: str | None = None) -> None:
@@ -39,7 +39,7 @@ class PerMethodASHA(FIFOScheduler):
 
     def asha(self, trial: "Trial") -> AsyncHyperBandScheduler:
         """The ASHA of ``trial``'s method, made on its first trial."""
-        method = str(trial.config.get(METHOD_KEY, ""))
+        method = TrialSpec.of(trial.config).method
         if method not in self._by_method:
             self._by_method[method] = AsyncHyperBandScheduler(metric=self._metric, mode=self._mode,
                                                               **self._asha_options)

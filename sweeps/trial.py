@@ -5,14 +5,17 @@ pattern is a Tune *function* trainable that launches a ``TorchTrainer`` per tria
 rank-0 reports to Tune with ``TuneReportCallback``. Naming the Train run after the trial id makes a
 restored trial resume its Train run from the last epoch checkpoint.
 
-Everything a trial needs travels in its config under ``TRIAL_KEY`` (a plain dict), so this module
-holds no training math: it turns a config into a ``Trainer`` call and epochs into reports.
+Everything a trial needs travels in its config under ``TRIAL_KEY``: a complete :class:`TrialSpec`
+that its phase built (the search phase through :class:`sweeps.optuna_search.SpecSearcher`), so the
+trial only reads it, and this module holds no training math: it turns a spec into a ``Trainer`` call
+and epochs into reports.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,12 +25,56 @@ from amtl import plugins
 from amtl.trainer import CHECKPOINT, NonFiniteLossError, TrainConfig, Trainer
 from sweeps.tracking import flatten_record
 
-#: Key of the Tune config entry that carries the fixed part of a trial (not searched).
+#: Key of the Tune config entry that carries a trial's :class:`TrialSpec` (as a plain dict).
 TRIAL_KEY = "trial"
 #: Metric set only in a trial's last report (test metrics after training finished).
 FINAL_KEY = "final"
 #: Metric of a final report that ends the trial as failed: the reason, one line.
 FAILED_KEY = "failed"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial runs with. Its phase builds it whole; the trial only reads it."""
+
+    phase: str
+    train: dict[str, Any]            # TrainConfig options, complete: method, hyperparameters, seed, potentials
+    searched: dict[str, Any]         # the search's values it was built from ({} for single-task trials)
+    workers: int                     # Ray Train workers (DDP ranks)
+    cpus_per_worker: float
+    gpus_per_worker: float
+    train_storage: str               # where its Ray Train run keeps the epoch checkpoints
+    max_failures: int                # Ray Train restarts from the last checkpoint
+    baselines: dict[str, Any] | None = None  # single-task "val"/"test" metrics: Delta-m's reference
+    wandb: dict[str, Any] | None = None      # TrialLogger options; None: no W&B run
+
+    @property
+    def method(self) -> str:
+        return self.train["balancer"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data, the value of a Tune config's ``TRIAL_KEY`` (Tune stores configs as JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> "TrialSpec":
+        """The spec of a trial from its Tune config."""
+        return cls(**config[TRIAL_KEY])
+
+    def with_search(self, searched: Mapping[str, Any], potentials: Mapping[str, float] | None) -> "TrialSpec":
+        """This spec with a search's values (the method, its hyperparameters, shared trainer options)
+        applied, and the potentials given as run context when the method reads them."""
+        from amtl.balancers import context_keys
+        from sweeps.space import split_config
+
+        method, hparams, shared = split_config(searched)
+        reads_potentials = "potentials" in context_keys(method)
+        train = {**self.train, **shared, "balancer": method, "hparams": hparams,
+                 "potentials": dict(potentials) if reads_potentials and potentials else None}
+        return dataclasses.replace(self, train=train, searched=dict(searched))
+
+    def with_train(self, **changes: Any) -> "TrialSpec":
+        return dataclasses.replace(self, train={**self.train, **changes})
 
 
 class _RayReporter:
@@ -81,12 +128,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker (torch.distributed is already initialised for N > 1)."""
     import ray.train
 
-    spec = loop_config
-    threads = max(1, int(spec.get("threads", 1)))
-    torch.set_num_threads(threads)
-    config = TrainConfig.from_dict({**spec["train"], "threads": threads})
+    spec = TrialSpec(**loop_config)
+    config = TrainConfig.from_dict(spec.train)
+    torch.set_num_threads(config.threads or 1)
     rank = ray.train.get_context().get_world_rank()
-    logger = _make_logger(spec) if rank == 0 else None
+    logger = _make_logger(spec.wandb) if rank == 0 else None
     reporter = _RayReporter(logger)
     trainer = Trainer(config, None, callbacks=[reporter], progress=None)
     checkpoint = ray.train.get_checkpoint()
@@ -94,7 +140,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             trainer.load_checkpoint(Path(directory) / CHECKPOINT)
         reporter.train_seconds = sum(r["train_seconds"] for r in trainer.history)
-    baselines = spec.get("baselines") or {}
+    baselines = spec.baselines or {}
     try:
         result = trainer.fit(resume=False, baselines=baselines.get("val"), test_baselines=baselines.get("test"))
     except NonFiniteLossError as err:
@@ -145,12 +191,11 @@ def _report_failed(trainer: Trainer, config: TrainConfig, reason: str, logger: A
     ray.train.report(final)
 
 
-def _make_logger(spec: Mapping[str, Any]) -> Any | None:
-    wandb_spec = spec.get("wandb")
-    if not wandb_spec:
+def _make_logger(wandb_options: Mapping[str, Any] | None) -> Any | None:
+    if not wandb_options:
         return None
     from sweeps.tracking import TrialLogger
-    return TrialLogger(**wandb_spec)
+    return TrialLogger(**wandb_options)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -160,28 +205,27 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    spec = dict(config[TRIAL_KEY])
-    plugins.load_all(spec["train"].get("plugins", ()))  # the trial's method may be a plugin's
+    spec = TrialSpec.of(config)
+    train = spec.train
+    plugins.load_all(train.get("plugins", ()))  # the trial's method may be a plugin's
     trial_id = ray.tune.get_context().get_trial_id()
-    train, method, _, _ = resolve_trial(config)
-    workers, gpus = int(spec.get("workers", 1)), float(spec.get("gpus_per_worker", 0))
-    if spec.get("wandb"):
-        spec["wandb"] = {**spec["wandb"], "run_id": trial_id, "name": trial_id,
-                         "tags": [method],
-                         "config": {"balancer": method, **_loggable(train["hparams"]),
-                                    **_loggable({"potentials": train.get("potentials") or {}}),
-                                    **{k: train[k] for k in ("lr", "weight_decay", "batch_size", "seed") if k in train}}}
-    loop_config = {**spec, "train": train}
+    if spec.wandb:  # the run is named after the trial, known only now
+        spec = dataclasses.replace(spec, wandb={
+            **spec.wandb, "run_id": trial_id, "name": trial_id, "tags": [spec.method],
+            "config": {"balancer": spec.method, **_loggable(train["hparams"]),
+                       **_loggable({"potentials": train.get("potentials") or {}}),
+                       **{k: train[k] for k in ("lr", "weight_decay", "batch_size", "seed") if k in train}}})
+    gpus = spec.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=spec.to_dict(),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": float(spec.get("cpus_per_worker", 1)),
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": spec.cpus_per_worker,
                                                            **({"GPU": gpus} if gpus > 0 else {})}),
-        run_config=RunConfig(name=f"train-{trial_id}", storage_path=spec["train_storage"],
+        run_config=RunConfig(name=f"train-{trial_id}", storage_path=spec.train_storage,
                              callbacks=[TuneReportCallback()],
-                             failure_config=FailureConfig(max_failures=int(spec.get("max_failures", 2)))),
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
     try:
         trainer.fit()
@@ -201,37 +245,6 @@ def _report_train_failure(tasks: Sequence[str], err: BaseException) -> None:
 
     lines = [line for line in str(err).splitlines() if line.strip()]
     ray.tune.report(failed_report(f"training failed: {lines[-1] if lines else type(err).__name__}"[:500], tasks))
-
-
-def resolve_trial(config: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any], dict[str, Any]]:
-    """A trial's Tune config -> ``(train options, method, its hyperparameters, searched values)``.
-
-    The config holds the fixed spec under ``TRIAL_KEY`` plus, depending on the phase, the values
-    Optuna suggested (search), ``override`` (potentials: one task, EW) or ``seeded``
-    (``{"searched": ..., "seed": s}``: a search winner rerun with another seed).
-    """
-    from amtl.balancers import context_keys
-    from sweeps.space import split_config
-
-    spec = config[TRIAL_KEY]
-    train = {**spec["train"], **config.get("override", {})}
-    seeded = config.get("seeded")
-    if seeded:
-        searched = dict(seeded["searched"] if not isinstance(seeded["searched"], str) else json.loads(seeded["searched"]))
-        train["seed"] = seeded["seed"]
-    else:
-        searched = {k: v for k, v in config.items() if k not in (TRIAL_KEY, "override", "seeded")}
-    if searched:
-        method, hparams, shared = split_config(searched)
-        train.update(shared)
-        train["balancer"] = method
-        train["hparams"] = {**train.get("hparams", {}), **hparams}
-    method = train.get("balancer", "ew")
-    hparams = dict(train.get("hparams", {}))
-    if spec.get("potentials") and "potentials" in context_keys(method):
-        train["potentials"] = spec["potentials"]
-    train["hparams"] = hparams
-    return train, method, hparams, searched
 
 
 def _loggable(hparams: Mapping[str, Any]) -> dict[str, Any]:

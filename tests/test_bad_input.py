@@ -342,7 +342,7 @@ def test_recompute_replaces_an_unreadable_potentials_file(tmp_path):
     from sweeps.storage import Storage
 
     storage = Storage(tmp_path)
-    train = SweepOptions().base_train()
+    train = SweepOptions().trial_train.to_dict()
     pot.save(storage, train, [{"task": "depth", "potential": 0.5, "val/depth/abs_err": 0.2}])
     whole = (tmp_path / pot.FILE).read_bytes()
     (tmp_path / pot.FILE).write_bytes(whole[: len(whole) // 2])  # truncated, e.g. a disk that filled up

@@ -27,17 +27,21 @@ TINY_TRAIN = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, b
 
 def _tune_trials(tmp_path: Path, name: str, overrides: list[dict], epochs: int, max_failures: int = 2,
                  scheduler=None, metric: str = "kpi/segmentation", mode: str = "max"):
-    """Run ``run_trial`` (the sweep's own trainable) over ``overrides`` as one Tune experiment."""
+    """Run ``run_trial`` (the sweep's own trainable) over complete trial specs, one per entry of
+    ``overrides`` (training options), as one Tune experiment."""
     from ray import tune
 
+    from amtl.trainer import TrainConfig
     from sweeps.runner import DRIVER_RESOURCES
-    from sweeps.trial import TRIAL_KEY, run_trial
+    from sweeps.trial import TRIAL_KEY, TrialSpec, run_trial
 
-    spec = {"phase": "search", "train": {**TINY_TRAIN, "epochs": epochs}, "workers": 1, "cpus_per_worker": 1,
-            "threads": 1, "train_storage": f"{tmp_path}/{name}/train", "max_failures": max_failures}
+    base = TrialSpec(phase="search", train=TrainConfig(**TINY_TRAIN, epochs=epochs).to_dict(), searched={},
+                     workers=1, cpus_per_worker=1, gpus_per_worker=0, train_storage=f"{tmp_path}/{name}/train",
+                     max_failures=max_failures)
+    specs = [base.with_train(**override).to_dict() for override in overrides]
     tuner = tune.Tuner(
         tune.with_resources(run_trial, DRIVER_RESOURCES),
-        param_space={TRIAL_KEY: spec, "override": tune.grid_search(overrides)},
+        param_space={TRIAL_KEY: tune.grid_search(specs)},
         tune_config=tune.TuneConfig(scheduler=scheduler, metric=metric, mode=mode, max_concurrent_trials=2),
         run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)))

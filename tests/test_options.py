@@ -44,6 +44,28 @@ def test_the_command_line_reads_back_into_the_dataclass():
     assert options == replace(SweepOptions(), methods=["ew", "amtl+pcgrad"], no_wandb=True, max_concurrent=3)
 
 
+def test_a_sweep_takes_every_training_option_from_the_one_train_config():
+    """One home per option: the sweep's training flags are TrainConfig's own fields (name, default,
+    help), all of them but those a sweep sets for each trial; nothing is restated in SweepOptions."""
+    from amtl.options import with_values
+    from sweeps.runner import SET_BY_SWEEP
+
+    train_options = {o.name: o for o in options(TrainConfig)}
+    in_sweep = {o.name: o for o in options(SweepOptions) if o.path == ("train",)}
+    assert set(in_sweep) == set(train_options) - set(SET_BY_SWEEP)
+    assert all(in_sweep[n].default == train_options[n].default and in_sweep[n].meta == train_options[n].meta
+               for n in in_sweep)
+    assert not {o.name for o in options(SweepOptions) if not o.path} & set(train_options)  # none restated
+    options_, _ = run_sweep.parse_options(["--n-train", "64", "--weight-decay", "0.01", "--optimizer", "sgd",
+                                           "--seed", "3", "--no-wandb"])
+    assert options_.train == replace(TrainConfig(), n_train=64, weight_decay=0.01, optimizer="sgd", seed=3)
+    assert with_values(options_, epochs=7, samples=2).train.epochs == 7
+    with pytest.raises(TypeError, match="no option 'balancer'"):  # the sweep chooses it per trial
+        SweepOptions.of(balancer="amtl")
+    for flag in ("--balancer", "--device", "--threads"):
+        assert flag not in _flags(run_sweep.build_parser())
+
+
 def test_every_sweep_compares_with_the_reference_unless_told_not_to():
     parse = lambda *argv: run_sweep.parse_options([*argv, "--no-wandb"])[0].compared  # noqa: E731
     assert parse("--method", "amtl") == ["amtl", "ew"]  # what `make sweep` compares
@@ -55,8 +77,9 @@ def test_every_sweep_compares_with_the_reference_unless_told_not_to():
 
 def test_repeatable_plugin_flags_add_up():
     options, _ = run_sweep.parse_options(["--plugin", "a.py", "--plugin", "b.py,c", "--no-wandb"])
-    assert options.plugins == ["a.py", "b.py", "c"]
-    assert SweepOptions().plugins == [] and TrainConfig().plugins == []  # no shared default list
+    assert options.train.plugins == ["a.py", "b.py", "c"]
+    assert SweepOptions().train.plugins == [] and TrainConfig().plugins == []  # no shared default list
+    assert SweepOptions().train is not SweepOptions().train
 
 
 def test_metadata_says_what_enters_the_potentials_fingerprint_and_what_a_search_may_change():
@@ -92,5 +115,5 @@ def test_saved_sweep_config_keeps_no_database_password(tmp_path):
     assert "s3cret" not in text and "resume" not in yaml.safe_load(text)
     path = tmp_path / "sweep.yaml"
     path.write_text(text)
-    assert replace(SweepOptions(**read_yaml(path, SweepOptions)), optuna_storage=None) == \
+    assert replace(SweepOptions.of(**read_yaml(path, SweepOptions)), optuna_storage=None) == \
         replace(options, optuna_storage=None, resume=False)

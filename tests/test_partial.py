@@ -81,7 +81,7 @@ def test_a_single_task_is_trained_on_its_own_source(data):
 def test_potential_fingerprints_name_each_tasks_source(monkeypatch):
     from sweeps.potentials import fingerprint
     from sweeps.runner import SweepOptions
-    train = SweepOptions(dataset="partial", tasks=list(TASKS)).base_train()
+    train = SweepOptions.of(dataset="partial", tasks=list(TASKS)).trial_train.to_dict()
     before = {t: fingerprint(train, t) for t in TASKS}
     assert len(set(before.values())) == 3
     # Changing the depth source's rendering changes the depth potential's key, and only that one.
@@ -279,19 +279,18 @@ def test_real_sources_voc_and_nyuv2(real_root):
 # A whole tiny sweep on `partial` (5 Ray Train trials) took 256 s on the shared 2-core machine, too long for
 # the suite; the sweep machinery itself is covered by tests/test_sweep.py. Here: the partial-specific wiring.
 def test_potential_trials_train_on_their_tasks_source(tmp_path):
-    """A potentials-phase trial config (one task, EW) resolves to a trainer on that task's source only."""
+    """A potentials-phase trial spec (one task, EW) gives a trainer on that task's source only."""
     from sweeps import potentials as pot
     from sweeps.runner import Sweep, SweepOptions
-    from sweeps.trial import TRIAL_KEY, resolve_trial
-    options = SweepOptions(dataset="partial", tasks=list(TASKS), no_wandb=True, storage=str(tmp_path), **SIZES)
-    spec = Sweep(options, say=lambda m: None).spec("potentials")
+    options = SweepOptions.of(dataset="partial", tasks=list(TASKS), no_wandb=True, storage=str(tmp_path), **SIZES)
+    spec = Sweep(options, say=lambda m: None).trial_spec("potentials")
     for task, source, n in (("depth", "depth", DEPTH_TRAIN), ("detection", "semantic", SEMANTIC_TRAIN)):
-        train, method, _, _ = resolve_trial({TRIAL_KEY: spec, "override": {"tasks": [task], "balancer": "ew",
-                                                                           "hparams": {}}})
+        single = spec.with_train(tasks=[task], balancer="ew")
+        train, method = single.train, single.method
         trainer = Trainer(TrainConfig.from_dict(train), None, progress=None)
         assert method == "ew" and trainer.data.train.sources == [source] and len(trainer.data.train) == n
         assert trainer.label_counts == {task: n}
-        identity = pot.fingerprint(options.base_train(), task)
+        identity = pot.fingerprint(options.trial_train.to_dict(), task)
         assert identity == pot.fingerprint(train, task)  # the trial's own options give the same key
 
 
@@ -308,14 +307,14 @@ def test_sweep_input_check_accepts_partial_without_rendering(tmp_path, monkeypat
     from sweeps.cli import check_options
     from sweeps.runner import SweepOptions
     monkeypatch.setenv("AMTL_CACHE_DIR", str(tmp_path / "cache"))
-    check_options(SweepOptions(dataset="partial", tasks=list(TASKS), storage=str(tmp_path / "s")))
+    check_options(SweepOptions.of(dataset="partial", tasks=list(TASKS), storage=str(tmp_path / "s")))
     assert not (tmp_path / "cache").exists()  # rendered inside the trials, not by the driver's check
     with pytest.raises(DatasetConfigError, match="'partial' has no labels for task.s. normal"):
-        check_options(SweepOptions(dataset="partial", tasks=["depth", "normal"], storage=str(tmp_path / "s")))
+        check_options(SweepOptions.of(dataset="partial", tasks=["depth", "normal"], storage=str(tmp_path / "s")))
 
 
 def test_sweep_passes_the_sampler_to_every_trial():
     from run_sweep import parse_options
     options, _ = parse_options(["--dataset", "partial", "--tasks", "segmentation,depth", "--sampler", "task-balanced"])
-    assert options.base_train()["sampler"] == "task-balanced"
-    assert parse_options([])[0].base_train()["sampler"] == "random"
+    assert options.trial_train.sampler == "task-balanced"
+    assert parse_options([])[0].trial_train.sampler == "random"

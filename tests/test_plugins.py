@@ -117,5 +117,5 @@ def test_a_sweep_hands_its_trials_plugin_files_by_absolute_path(tmp_path, monkey
     """Trial processes do not run in the driver's working directory (a relative path failed there)."""
     from sweeps.runner import SweepOptions
     monkeypatch.chdir(tmp_path)
-    train = SweepOptions(plugins=["mine/plugin.py", "installed.module"]).base_train()
-    assert train["plugins"] == [str(tmp_path / "mine" / "plugin.py"), "installed.module"]
+    train = SweepOptions.of(plugins=["mine/plugin.py", "installed.module"]).trial_train
+    assert train.plugins == [str(tmp_path / "mine" / "plugin.py"), "installed.module"]

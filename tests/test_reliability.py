@@ -167,7 +167,7 @@ def test_a_phase_with_lost_trials_is_not_done_and_resume_finishes_it(ray_cluster
     was, before), the finished trials are saved, and ``--resume`` continues the lost one."""
     from sweeps.runner import Sweep, SweepOptions, TrialsLost
 
-    options = SweepOptions(methods=["ew"], samples=2, seeds=1, epochs=2, tasks=["segmentation", "depth"],
+    options = SweepOptions.of(methods=["ew"], samples=2, seeds=1, epochs=2, tasks=["segmentation", "depth"],
                            image_size=32, n_train=256, n_val=16, n_test=16, batch_size=16, max_concurrent=1,
                            scheduler="fifo", no_wandb=True, storage=str(tmp_path), name="lost", max_failures=0)
     sweep_dir = tmp_path / "lost"

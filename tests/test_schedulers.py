@@ -8,6 +8,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from sweeps.schedulers import PerMethodASHA
+from sweeps.trial import TRIAL_KEY, TrialSpec
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not have tests/ on their path
 EPOCHS = 4
@@ -16,22 +17,29 @@ ASHA = {"time_attr": "epoch", "max_t": EPOCHS + 1, "grace_period": 1, "reduction
 
 def curve(config: dict) -> None:
     """A 'late' method is far worse in every epoch (like AMTL before it has acted), an 'early' one good."""
-    offset = 10.0 if config["method"] == "late" else 0.0
+    spec = TrialSpec.of(config)
+    offset = 10.0 if spec.method == "late" else 0.0
     for epoch in range(1, EPOCHS + 1):
-        tune.report({"epoch": epoch, "loss": offset + config["noise"] + 1.0 / epoch})
+        tune.report({"epoch": epoch, "loss": offset + spec.searched["noise"] + 1.0 / epoch})
+
+
+def _spec(method: str, noise: float) -> dict:
+    """A trial's config as the sweep's searcher gives it: a complete spec naming its method."""
+    spec = TrialSpec(phase="search", train={"balancer": method}, searched={"method": method, "noise": noise},
+                     workers=1, cpus_per_worker=1, gpus_per_worker=0, train_storage="", max_failures=0)
+    return {TRIAL_KEY: spec.to_dict()}
 
 
 def _epochs_reached(scheduler, tmp_path, name: str) -> dict[str, list[int]]:
     # The early method's trials first, one at a time, so they fill every rung before 'late' arrives.
-    configs = [{"method": m, "noise": n / 100} for m in ("early", "late") for n in range(3)]
-    tuner = tune.Tuner(curve, param_space={"method": tune.choice(["early", "late"]), "noise": tune.uniform(0, 1)},
-                       tune_config=tune.TuneConfig(
-                           metric="loss", mode="min", scheduler=scheduler, num_samples=len(configs),
-                           search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=1)),
+    configs = [_spec(m, n / 100) for m in ("early", "late") for n in range(3)]
+    tuner = tune.Tuner(curve, param_space={TRIAL_KEY: tune.grid_search([c[TRIAL_KEY] for c in configs])},
+                       tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler,
+                                                   search_alg=BasicVariantGenerator(max_concurrent=1)),
                        run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
     reached: dict[str, list[int]] = {"early": [], "late": []}
     for result in tuner.fit():
-        reached[result.config["method"]].append(int(result.metrics["epoch"]))
+        reached[TrialSpec.of(result.config).method].append(int(result.metrics["epoch"]))
     return reached
 
 

@@ -17,7 +17,7 @@ TINY = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_s
 def sweep(ray_cluster, tmp_path_factory, monkeypatch_module):
     """One small sweep: potentials for 2 tasks, 2 AMTL search trials, best config over 2 seeds."""
     storage = tmp_path_factory.mktemp("sweeps")
-    options = SweepOptions(methods=["amtl"], samples=2, seeds=2, storage=str(storage), name="first", **TINY)
+    options = SweepOptions.of(methods=["amtl"], samples=2, seeds=2, storage=str(storage), name="first", **TINY)
     messages = []
     board = run(options, say=messages.append)
     return {"storage": storage, "dir": storage / "first", "board": board, "messages": messages, "options": options}
@@ -105,16 +105,39 @@ def test_wandb_offline_runs_hold_history_and_the_leaderboard_table(sweep):
     assert rows[0]["test_delta_m_mean"] == pytest.approx(sweep["board"]["test_delta_m_mean"].iloc[0])
 
 
+def test_every_trial_of_every_phase_gets_a_complete_spec_from_its_phase(sweep):
+    """A trial's Tune config is one complete TrialSpec that its phase built (search values, the seed,
+    the potentials applied); the trial itself merges nothing."""
+    from amtl.trainer import TrainConfig
+    from sweeps.trial import TrialSpec
+
+    specs: dict[str, list[TrialSpec]] = {}
+    for params in sweep["dir"].glob("*/*/params.json"):
+        spec = TrialSpec.of(json.loads(params.read_text()))
+        TrainConfig.from_dict(spec.train).validate()  # whole: every option, nothing left to fill in
+        specs.setdefault(spec.phase, []).append(spec)
+    assert sorted(specs) == ["potentials", "search", "seeds"]
+    assert sorted(tuple(s.train["tasks"]) for s in specs["potentials"]) == [("depth",), ("segmentation",)]
+    assert all(s.method == "ew" and s.searched == {} for s in specs["potentials"])
+    searched = [s.searched for s in specs["search"]]
+    for s in specs["search"] + specs["seeds"]:
+        assert s.method == "amtl" and s.searched in searched and set(s.train["potentials"]) == set(TASKS)
+        assert s.train["hparams"] == {k.split(":", 1)[1]: v for k, v in s.searched.items()
+                                      if k.startswith("amtl:") and ":@" not in k}
+        assert s.train["lr"] == s.searched.get("amtl:@lr", s.searched.get("lr", s.train["lr"]))
+    assert len(specs["search"]) == 2 and sorted(s.train["seed"] for s in specs["seeds"]) == [0, 1]
+
+
 def test_saved_config_reproduces_the_sweeps_options(sweep, tmp_path):
     """``<sweep>/sweep.yaml`` holds every option; ``--config`` of it gives them back, and flags override it."""
-    from dataclasses import replace
-
+    from amtl.options import with_values
     from run_sweep import parse_options
 
     saved = sweep["dir"] / "sweep.yaml"
     assert parse_options(["--config", str(saved)])[0] == sweep["options"]
     again, _ = parse_options(["--config", str(saved), "--name", "again", "--samples", "5", "--tasks", "depth"])
-    assert again == replace(sweep["options"], name="again", samples=5, tasks=["depth"])
+    assert again == with_values(sweep["options"], name="again", samples=5, tasks=["depth"])
+    assert again.train.tasks == ("depth",) and again.train.n_train == sweep["options"].train.n_train
 
 
 def test_leaderboard_files(sweep):
@@ -129,7 +152,7 @@ def test_leaderboard_files(sweep):
 
 def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep, capsys):
     storage = sweep["storage"]
-    options = SweepOptions(methods=["amtl"], samples=2, seeds=1, storage=str(storage), name="second", **TINY)
+    options = SweepOptions.of(methods=["amtl"], samples=2, seeds=1, storage=str(storage), name="second", **TINY)
     messages = []
 
     def interrupt_at_seeds(message):
@@ -169,15 +192,16 @@ def test_two_workers_per_trial_follow_one_worker(ray_cluster, tmp_path):
     from ray import tune
 
     from sweeps.runner import DRIVER_RESOURCES
-    from sweeps.trial import TRIAL_KEY, run_trial
+    from amtl.trainer import TrainConfig
+    from sweeps.trial import TRIAL_KEY, TrialSpec, run_trial
 
-    train = dict(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, epochs=2,
-                 device="cpu", log_every=50, balancer="nash", hparams={"source": "representation"})
+    train = TrainConfig(tasks=TASKS, image_size=32, n_train=64, n_val=16, n_test=16, batch_size=16, epochs=2,
+                        device="cpu", threads=1, log_every=50, balancer="nash", hparams={"source": "representation"})
     final = {}
     for workers in (1, 2):
-        spec = {"phase": "ddp", "train": train, "workers": workers, "cpus_per_worker": 1, "threads": 1,
-                "train_storage": f"{tmp_path}/train"}
-        grid = tune.Tuner(tune.with_resources(run_trial, DRIVER_RESOURCES), param_space={TRIAL_KEY: spec},
+        spec = TrialSpec(phase="ddp", train=train.to_dict(), searched={}, workers=workers, cpus_per_worker=1,
+                         gpus_per_worker=0, train_storage=f"{tmp_path}/train", max_failures=2)
+        grid = tune.Tuner(tune.with_resources(run_trial, DRIVER_RESOURCES), param_space={TRIAL_KEY: spec.to_dict()},
                           run_config=tune.RunConfig(name=f"w{workers}", storage_path=str(tmp_path), verbose=0)).fit()
         assert not grid.errors, grid.errors
         final[workers] = grid[0].metrics
