@@ -261,6 +261,7 @@ def compare_torchjd(threads: int) -> None:
     import math
 
     import numpy as np
+    import torchjd.linalg as tj_linalg
     import torchjd.aggregation as tj
 
     def us(fn, n: int = 100) -> float:
@@ -292,7 +293,8 @@ def compare_torchjd(threads: int) -> None:
     print(f"torch threads {threads}; 30 systems per T (plain, norms over 4 decades, shared component)")
     for t in (3, 10):
         ours = {n: make(n, [f"t{i}" for i in range(t)]).aggregator for n in _AGGREGATORS}
-        gap, imtl, aligned, pc, cag, nash_o, nash_t = [], [], [], [], [], [], []
+        gap, imtl, aligned, pc, cag, nash_o, nash_t, cone = [], [], [], [], [], [], [], []
+        exact = tj_linalg.QuadprogProjector(norm_eps=0.0, reg_eps=0.0)
         for g in systems(t):
             k = g @ g.T
             kn = k.numpy()
@@ -300,6 +302,9 @@ def compare_torchjd(threads: int) -> None:
             wo, wt = ours["mgda"].weights(k).numpy(), tj.MGDAWeighting()(k).numpy()
             gap.append((f(wt) - f(wo)) / f(wo))
             imtl.append(float((ours["imtl-g"].weights(k) - tj.IMTLGWeighting()(k)).abs().max()))
+            for name, theirs in (("upgrad", tj.UPGradWeighting), ("dualproj", tj.DualProjWeighting)):
+                d = ours[name].weights(k) @ g
+                cone.append(float((d - theirs(projector=exact)(k) @ g).norm() / d.norm()))
             aligned.append(float((ours["aligned"].weights(k) - t * tj.AlignedMTLWeighting()(k)).abs().max()))
             if t == 2:
                 pc.append(float((ours["pcgrad"].weights(k) - tj.PCGradWeighting()(k)).abs().max()))
@@ -317,6 +322,8 @@ def compare_torchjd(threads: int) -> None:
         print(f"T={t}: MGDA torchjd objective above ours: median {statistics.median(gap):.1e}, max {max(gap):.1e}")
         print(f"  IMTL-G max |alpha diff| {max(imtl):.1e}; Aligned (sum) max |alpha diff| {max(aligned):.1e}, "
               f"median {statistics.median(aligned):.1e}")
+        print(f"  UPGrad/DualProj vs torchjd's program without its regulariser: max relative update diff "
+              f"{max(cone):.1e}")
         if have_cvxpy:
             print(f"  CAGrad dual objective torchjd minus ours (relative): max {max(cag):.1e}, min {min(cag):.1e}")
             print(f"  Nash |K a * a - 1|: ours max {max(nash_o):.1e}; torchjd max {max(nash_t):.1e}, "
@@ -324,7 +331,8 @@ def compare_torchjd(threads: int) -> None:
         g = next(systems(t))
         k = g @ g.T
         pairs = {"mgda": tj.MGDAWeighting(), "pcgrad": tj.PCGradWeighting(), "imtl-g": tj.IMTLGWeighting(),
-                 "aligned": tj.AlignedMTLWeighting()}
+                 "aligned": tj.AlignedMTLWeighting(), "upgrad": tj.UPGradWeighting(),
+                 "dualproj": tj.DualProjWeighting()}
         if have_cvxpy:
             pairs["cagrad"] = tj.CAGradWeighting(c=0.5)
         for name, theirs in pairs.items():
