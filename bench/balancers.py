@@ -293,7 +293,7 @@ def compare_torchjd(threads: int) -> None:
     print(f"torch threads {threads}; 30 systems per T (plain, norms over 4 decades, shared component)")
     for t in (3, 10):
         ours = {n: make(n, [f"t{i}" for i in range(t)]).aggregator for n in _AGGREGATORS}
-        gap, imtl, aligned, pc, cag, nash_o, nash_t, cone = [], [], [], [], [], [], [], []
+        gap, imtl, aligned, pc, cag, nash_o, nash_t, cone, fair_o, fair_t = [], [], [], [], [], [], [], [], [], []
         exact = tj_linalg.QuadprogProjector(norm_eps=0.0, reg_eps=0.0)
         for g in systems(t):
             k = g @ g.T
@@ -305,6 +305,8 @@ def compare_torchjd(threads: int) -> None:
             for name, theirs in (("upgrad", tj.UPGradWeighting), ("dualproj", tj.DualProjWeighting)):
                 d = ours[name].weights(k) @ g
                 cone.append(float((d - theirs(projector=exact)(k) @ g).norm() / d.norm()))
+            for weights, into in ((ours["fairgrad"].weights(k), fair_o), (tj.FairGradWeighting(alpha=2.0)(k), fair_t)):
+                into.append(float(((k @ weights - weights ** -0.5) / weights ** -0.5).abs().max()))
             aligned.append(float((ours["aligned"].weights(k) - t * tj.AlignedMTLWeighting()(k)).abs().max()))
             if t == 2:
                 pc.append(float((ours["pcgrad"].weights(k) - tj.PCGradWeighting()(k)).abs().max()))
@@ -324,6 +326,8 @@ def compare_torchjd(threads: int) -> None:
               f"median {statistics.median(aligned):.1e}")
         print(f"  UPGrad/DualProj vs torchjd's program without its regulariser: max relative update diff "
               f"{max(cone):.1e}")
+        print(f"  FairGrad (alpha 2) |K w / w^-1/2 - 1|: ours max {max(fair_o):.1e}; torchjd max {max(fair_t):.1e}, "
+              f"median {statistics.median(fair_t):.1e}")
         if have_cvxpy:
             print(f"  CAGrad dual objective torchjd minus ours (relative): max {max(cag):.1e}, min {min(cag):.1e}")
             print(f"  Nash |K a * a - 1|: ours max {max(nash_o):.1e}; torchjd max {max(nash_t):.1e}, "
@@ -332,7 +336,7 @@ def compare_torchjd(threads: int) -> None:
         k = g @ g.T
         pairs = {"mgda": tj.MGDAWeighting(), "pcgrad": tj.PCGradWeighting(), "imtl-g": tj.IMTLGWeighting(),
                  "aligned": tj.AlignedMTLWeighting(), "upgrad": tj.UPGradWeighting(),
-                 "dualproj": tj.DualProjWeighting()}
+                 "dualproj": tj.DualProjWeighting(), "fairgrad": tj.FairGradWeighting(alpha=2.0)}
         if have_cvxpy:
             pairs["cagrad"] = tj.CAGradWeighting(c=0.5)
         for name, theirs in pairs.items():

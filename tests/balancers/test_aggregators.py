@@ -360,6 +360,48 @@ def test_two_opposed_tasks_worked_example():
     assert torch.allclose(agg("upgrad").aggregate(g), torch.tensor([0.25, 0.75], dtype=DT))
 
 
+# -- FairGrad ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 2.0, 10.0])
+@pytest.mark.parametrize("sampler,t,seed", CASES + [(scaled, 10, 0), (conflicting, 10, 1)])
+def test_fairgrad_solves_its_equation(alpha, sampler, t, seed):
+    """``K w = w^(-1/alpha)``, ``w > 0``, to working precision (backward error), across four decades of
+    gradient norms and alphas from near-utilitarian to near max-min."""
+    k = gramian_of(sampler(t, 24, seed))
+    w = agg("fairgrad", fairness=alpha).weights(k)
+    lhs, rhs = k @ w, w ** (-1.0 / alpha)
+    assert (w > 0).all() and ((lhs - rhs).abs() / (k.abs() @ w + rhs)).max() < 1e-9
+
+
+def test_fairgrad_at_alpha_one_is_nash_mtl():
+    k = gramian_of(conflicting(4, 16, 0))
+    assert torch.allclose(agg("fairgrad", fairness=1.0).weights(k), agg("nash", max_norm=0.0).weights(k), rtol=1e-9)
+
+
+def test_fairgrad_matches_the_official_solver_where_it_converges():
+    """torchjd's FairGradWeighting is the official code (SciPy least squares from equal weights);
+    where its residual is small both find the same (unique) root."""
+    import torchjd.aggregation as tj
+
+    compared = 0
+    for sampler, t, seed in CASES:
+        g = sampler(t, 24, seed)
+        k = gramian_of(g)
+        theirs = tj.FairGradWeighting(alpha=2.0)(k)
+        if ((k @ theirs - theirs ** -0.5).abs() / theirs ** -0.5).max() > 1e-6:
+            continue  # least squares stopped early (SciPy's default budget), as it does on hard systems
+        ours = agg("fairgrad", fairness=2.0).weights(k)
+        assert float(((ours - theirs) @ g).norm()) <= 1e-6 * float((ours @ g).norm())
+        compared += 1
+    assert compared >= len(CASES) // 2
+
+
+def test_fairgrad_weights_equal_orthogonal_tasks_equally():
+    g = torch.eye(3, 8, dtype=DT) * 2.0
+    w = agg("fairgrad", fairness=3.0).weights(gramian_of(g))
+    assert torch.allclose(w, w[0].expand(3))  # 4 w = w^(-1/3): w = 4^(-3/4)
+    assert torch.allclose(w[0], torch.tensor(4.0 ** -0.75, dtype=DT))
+
+
 # -- the engine ----------------------------------------------------------------------------------
 TASKS = ["a", "b", "c"]
 

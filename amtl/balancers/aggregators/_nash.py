@@ -15,47 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from amtl.balancers.aggregators._simplex import as_numpy
+from amtl.balancers.aggregators._simplex import as_numpy, fair_weights
 from amtl.balancers.base import Aggregator, HParam
 from amtl.balancers.method import register_aggregator
-
-# Ridge on the Gramian: with linearly dependent (or zero) task gradients K a = 1/a has no solution
-# and the weights of the redundant tasks would grow without bound. Relative to each diagonal entry
-# (so tasks of very different gradient scale are not biased), plus a floor for zero gradients.
-_RIDGE = 1e-12
-_FLOOR = 1e-30
-
-
-def nash_weights(k: np.ndarray, start: np.ndarray | None = None, max_iter: int = 20,
-                 tol: float = 1e-10) -> np.ndarray:
-    """Solve ``K a = 1 / a``, ``a > 0`` by damped Newton on ``a^T K a / 2 - sum(log a)``."""
-    t = k.shape[0]
-    norm = float(np.linalg.norm(k))
-    if norm <= 0:
-        return np.ones(t)
-    # Solve for b = sqrt(norm) a with the unit-norm Gramian: (K / norm) b = 1 / b.
-    kn = k / norm
-    kn = kn + np.diag(_RIDGE * np.diag(kn) + _FLOOR)
-    b = start * math.sqrt(norm) if start is not None else 1.0 / np.sqrt(np.diag(kn))
-
-    def f(x: np.ndarray) -> float:
-        return 0.5 * float(x @ kn @ x) - float(np.log(x).sum())
-
-    for _ in range(max_iter):
-        grad = kn @ b - 1.0 / b
-        if np.linalg.norm(grad * b) < tol:  # relative residual of K a = 1/a, scale-free
-            break
-        step = np.linalg.solve(kn + np.diag(1.0 / b ** 2), -grad)
-        # Backtrack to stay in a > 0 and decrease f (Armijo).
-        lr, f0, slope = 1.0, f(b), float(grad @ step)
-        neg = step < 0
-        if neg.any():
-            lr = min(1.0, 0.99 * float(np.min(-b[neg] / step[neg])))
-        while lr > 1e-12 and f(b + lr * step) > f0 + 1e-4 * lr * slope:
-            lr *= 0.5
-        b = b + lr * step
-    return b / math.sqrt(norm)
-
 
 @register_aggregator
 class NashMTL(Aggregator):
@@ -80,7 +42,7 @@ class NashMTL(Aggregator):
         stale = self._alpha is not None and self._alpha.shape[0] != k.shape[0]
         if self._alpha is None or stale or self._step % self.update_weights_every == 0:
             start = None if self._alpha is None or stale else self._alpha
-            self._alpha = nash_weights(k, start, self.optim_niter)
+            self._alpha = fair_weights(k, 1.0, start, self.optim_niter)
         self._step += 1
         alpha = self._alpha
         if self.max_norm > 0:

@@ -1,4 +1,5 @@
-"""Small exact solvers on a Gramian, shared by MGDA and CAGrad.
+"""Small exact solvers on a Gramian, shared by the aggregators (MGDA, CAGrad, UPGrad/DualProj,
+Nash-MTL, FairGrad).
 
 They run in float64 NumPy on the CPU: the inputs are ``T x T`` and the active-set loops branch on
 values, so one transfer of the Gramian is cheaper than a device sync (or a torch op) per branch.
@@ -63,3 +64,55 @@ def min_norm_weights(k: np.ndarray) -> np.ndarray:
     u = nnls_gram(k / scale + 1.0, np.ones(t), 10 * t + 10)
     s = u.sum()
     return u / s if s > 0 else np.full(t, 1.0 / t)
+
+
+# Ridge on the Gramian for fair_weights: with linearly dependent (or zero) task gradients
+# K w = w^(-p) has no solution and the weights of the redundant tasks would grow without bound.
+# Relative to each diagonal entry (so tasks of very different gradient scale are not biased), plus a
+# floor for zero gradients.
+_RIDGE = 1e-12
+_FLOOR = 1e-30
+
+
+def fair_weights(k: np.ndarray, power: float = 1.0, start: np.ndarray | None = None, max_iter: int = 20,
+                 tol: float = 1e-10) -> np.ndarray:
+    """Solve ``K w = w^(-power)``, ``w > 0`` (Nash-MTL: power 1; FairGrad: ``1 / alpha``).
+
+    It is the stationarity condition of the strictly convex ``w^T K w / 2 - sum(phi(w))`` with
+    ``phi' = w^(-power)`` (``phi = log`` at power 1), so a damped Newton method solves it to machine
+    precision in a few steps.
+    """
+    t = k.shape[0]
+    norm = float(np.linalg.norm(k))
+    if norm <= 0:
+        return np.ones(t)
+    # Solve for b = w * norm^(1 / (power + 1)) with the unit-norm Gramian: (K / norm) b = b^(-power).
+    scale = norm ** (1.0 / (power + 1.0))
+    kn = k / norm
+    kn = kn + np.diag(_RIDGE * np.diag(kn) + _FLOOR)
+    b = start * scale if start is not None else np.diag(kn) ** (-1.0 / (power + 1.0))
+
+    def phi(x: np.ndarray) -> float:
+        return float(np.log(x).sum()) if power == 1.0 else float((x ** (1.0 - power)).sum()) / (1.0 - power)
+
+    def f(x: np.ndarray) -> float:
+        return 0.5 * float(x @ kn @ x) - phi(x)
+
+    for _ in range(max_iter):
+        grad = kn @ b - b ** -power
+        if np.linalg.norm(grad * b ** power) < tol:  # relative residual of K w = w^(-power), scale-free
+            break
+        step = np.linalg.solve(kn + np.diag(power * b ** (-power - 1.0)), -grad)
+        # Stay in w > 0, and backtrack to decrease f (Armijo) while the decrease is measurable in f;
+        # below f's rounding the Newton step is taken as it is (it is then in its quadratic region).
+        lr, f0, slope = 1.0, f(b), float(grad @ step)
+        neg = step < 0
+        if neg.any():
+            lr = min(1.0, 0.99 * float(np.min(-b[neg] / step[neg])))
+        if -slope > 1e-12 * max(1.0, abs(f0)):
+            while lr > 1e-12 and f(b + lr * step) > f0 + 1e-4 * lr * slope:
+                lr *= 0.5
+        if np.max(np.abs(lr * step) / b) < 1e-15:  # b no longer changes: solved to working precision
+            break
+        b = b + lr * step
+    return b / scale
