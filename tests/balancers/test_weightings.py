@@ -14,7 +14,7 @@ from amtl.balancers.method import _WEIGHTINGS
 
 TASKS = ["seg", "depth", "normal"]
 POTENTIALS = {"seg": 0.5, "depth": 0.8, "normal": 0.6}
-WEIGHTINGS = ["ew", "gls", "dwa", "rlw", "uw", "gradnorm", "dtp", "amtl", "amtl-a", "imtl-l", "famo", "iltp"]
+WEIGHTINGS = ["ew", "gls", "dwa", "rlw", "uw", "gradnorm", "dtp", "amtl", "amtl-a", "imtl-l", "famo", "iltp", "stch"]
 
 
 def build(name: str, tasks=TASKS, **hp):
@@ -414,6 +414,39 @@ def test_rlw_reproducible_and_sums_to_one():
     w = build("rlw", seed=3)
     w.terms(toy.step(present=["seg"]))
     assert [w.weights[t] for t in TASKS] == a[0]
+
+
+# -- STCH ---------------------------------------------------------------------------------------
+def _losses(values: dict) -> dict:
+    return {t: torch.tensor(v, dtype=torch.float64, requires_grad=True) for t, v in values.items()}
+
+
+def test_stch_warms_up_on_log_losses_then_takes_the_nadir_from_the_last_warmup_epoch():
+    w = build("stch", mu=0.5, warmup_epochs=2)
+    losses = _losses({"seg": 2.0, "depth": 0.5, "normal": 1.0})
+    w.terms(StepInputs(losses=losses))
+    assert w.weights == pytest.approx({"seg": 0.5, "depth": 2.0, "normal": 1.0})  # d/dL sum log L = 1/L
+    w.on_epoch_end({"seg": 9.0, "depth": 9.0, "normal": 9.0})  # epoch 1 of 2: still warming up
+    w.terms(StepInputs(losses=losses))
+    assert w.weights == pytest.approx({"seg": 0.5, "depth": 2.0, "normal": 1.0})
+    w.on_epoch_end({"seg": 2.0, "depth": 1.0, "normal": 4.0})  # the nadir
+    terms = w.terms(StepInputs(losses=losses))
+    total = sum(terms.values())
+    total.backward()
+    # By hand: r = log(L / nadir) = log(1, 0.5, 0.25); obj = 3 * 0.5 * logsumexp(r / 0.5);
+    # d obj / d L_t = 3 * softmax(r / 0.5)_t / L_t with softmax(2r) = (1, 0.25, 0.0625) / 1.3125.
+    p = torch.tensor([1.0, 0.25, 0.0625], dtype=torch.float64) / 1.3125
+    expected = 3 * p / torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    assert float(total) == pytest.approx(1.5 * math.log(1.3125))
+    assert [float(losses[t].grad) for t in ("seg", "depth", "normal")] == pytest.approx(expected.tolist())
+    assert [w.weights[t] for t in ("seg", "depth", "normal")] == pytest.approx(expected.tolist())
+
+
+def test_stch_with_small_mu_follows_the_worst_task():
+    w = build("stch", mu=1e-3, warmup_epochs=1)
+    w.on_epoch_end({"seg": 1.0, "depth": 1.0, "normal": 1.0})
+    w.terms(StepInputs(losses=_losses({"seg": 0.9, "depth": 1.5, "normal": 0.4})))
+    assert w.weights["depth"] == pytest.approx(3 / 1.5) and w.weights["seg"] < 1e-100 > w.weights["normal"]
 
 
 # -- state_dict round trips -------------------------------------------------------------------

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,25 @@ def geometric_terms(losses: Mapping[str, Tensor], exponents: Mapping[str, float]
     coef = objective * w / base
     terms = {t: coef[i] * clamped[i] for i, t in enumerate(tasks)}
     return terms, coef
+
+
+def exact_share_terms(losses: Mapping[str, Tensor],
+                      objective: Callable[[Tensor], Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    """Terms ``c_t * L_t + k_t`` whose sum is ``objective(L)`` (of the stacked losses, in the order of
+    ``losses``) and whose gradients are each task's exact share ``d obj / d L_t * grad L_t``.
+
+    ``c_t = d obj / d L_t`` and the constants ``k_t`` are detached, so any differentiable objective
+    of the task losses combines with any aggregator. Returns the terms and the multipliers ``c``.
+    """
+    tasks = list(losses)
+    stacked = torch.stack([losses[t].reshape(()) for t in tasks])
+    stacked = stacked.to(_compute_dtype(stacked))
+    base = stacked.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = objective(base)
+        (coef,) = torch.autograd.grad(value, base)
+    offset = (value.detach() - (coef * base.detach()).sum()) / len(tasks)
+    return {t: coef[i] * stacked[i] + offset for i, t in enumerate(tasks)}, coef
 
 
 def ema_update(old: float | None, new: float, momentum: float = KPI_MOMENTUM) -> float:
