@@ -402,6 +402,32 @@ def test_fairgrad_weights_equal_orthogonal_tasks_equally():
     assert torch.allclose(w[0], torch.tensor(4.0 ** -0.75, dtype=DT))
 
 
+# -- CR-MOGM -------------------------------------------------------------------------------------
+def test_cr_mogm_is_torchjds_moving_average_of_the_inner_weights():
+    import torchjd.aggregation as tj
+    from torchjd.linalg import QuadprogProjector
+
+    ours = agg("cr-mogm", momentum=0.7, inner="upgrad")
+    theirs = tj.CRMOGMWeighting(tj.UPGradWeighting(projector=QuadprogProjector(norm_eps=0.0, reg_eps=0.0)), alpha=0.7)
+    for seed in range(6):  # a stream of steps: the average carries over
+        k = gramian_of(conflicting(4, 16, seed))
+        assert torch.allclose(ours.weights(k), theirs(k), rtol=1e-8, atol=1e-10)
+
+
+def test_cr_mogm_momentum_limits_state_and_task_count_changes():
+    ks = [gramian_of(conflicting(3, 16, seed)) for seed in range(3)]
+    plain, frozen = agg("cr-mogm", momentum=0.0), agg("cr-mogm", momentum=1.0)
+    for k in ks:
+        assert torch.allclose(plain.weights(k), agg("mgda").weights(k))
+        assert torch.allclose(frozen.weights(k), agg("mgda").weights(ks[0]))
+    resumed = agg("cr-mogm", momentum=0.5)
+    resumed.load_state_dict(plain.state_dict())  # after ks[-1]: the average is mgda's weights of it
+    k = gramian_of(conflicting(3, 16, 9))
+    assert torch.allclose(resumed.weights(k), 0.5 * agg("mgda").weights(ks[-1]) + 0.5 * agg("mgda").weights(k))
+    four = gramian_of(conflicting(4, 16, 0))  # a step with another task count restarts the average
+    assert torch.allclose(resumed.weights(four), agg("mgda").weights(four))
+
+
 # -- the engine ----------------------------------------------------------------------------------
 TASKS = ["a", "b", "c"]
 
