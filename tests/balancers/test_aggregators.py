@@ -428,6 +428,27 @@ def test_cr_mogm_momentum_limits_state_and_task_count_changes():
     assert torch.allclose(resumed.weights(four), agg("mgda").weights(four))
 
 
+# -- ConFIG --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,t,seed", CASES + [(low_rank, 4, 0), (low_rank, 6, 1)])
+def test_config_is_torchjds_update_from_the_gramian_alone(sampler, t, seed):
+    import torchjd.aggregation as tj
+
+    g = sampler(t, 24, seed)
+    assert torch.allclose(agg("config").aggregate(g), tj.ConFIG()(g), rtol=1e-9, atol=1e-12)
+    g[1] = 0.0  # a zero gradient: a zero unit row, as in the reference
+    assert torch.allclose(agg("config").aggregate(g), tj.ConFIG()(g), rtol=1e-9, atol=1e-12)
+
+
+def test_config_has_equal_cosines_and_the_summed_length():
+    g = conflicting(4, 16, 3)
+    d = agg("config").aggregate(g)
+    cosines = g @ d / (g.norm(dim=1) * d.norm())
+    assert torch.allclose(cosines, cosines[0].expand(4)) and cosines[0] > 0
+    assert torch.allclose(d.norm(), (g @ unit(d)).sum())
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=DT)  # v_hat = (1, 1)/sqrt 2, length 4/sqrt 2
+    assert torch.allclose(agg("config").aggregate(orthogonal), torch.tensor([2.0, 2.0], dtype=DT))
+
+
 # -- the engine ----------------------------------------------------------------------------------
 TASKS = ["a", "b", "c"]
 
