@@ -242,6 +242,8 @@ def test_cagrad_rescale():
     base = agg("cagrad", c=0.4, rescale=0).aggregate(g)
     assert torch.allclose(agg("cagrad", c=0.4, rescale=1).aggregate(g), base / 1.16)
     assert torch.allclose(agg("cagrad", c=0.4, rescale=2).aggregate(g), base / 1.4)
+    # The official code multiplies its update by T "to match the sum loss"; LibMTL (the default) does not.
+    assert torch.allclose(agg("cagrad", c=0.4, rescale=2, magnitude="sum").aggregate(g), g.shape[0] * base / 1.4)
 
 
 # -- IMTL-G ---------------------------------------------------------------------------------------

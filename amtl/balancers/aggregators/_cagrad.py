@@ -2,7 +2,10 @@
 the update maximises the worst task improvement within a ball of radius ``c |g0|`` around the mean
 gradient ``g0``. Its dual is ``min_{w in simplex} g_w . g0 + c |g0| |g_w|`` and the update is
 ``d = g0 + (c |g0| / |g_w|) g_w``, divided by ``1 + c^2`` (``rescale=1``) or ``1 + c``
-(``rescale=2``) as in the official code (Cranial-XIX/CAGrad). The dual is solved on the Gramian to
+(``rescale=2``) as in the official code (Cranial-XIX/CAGrad). That code then multiplies the update by
+T "to match the sum loss" (``overwrite_grad``; nash-mtl's port does the same), LibMTL does not:
+``magnitude="mean"`` (the default) follows LibMTL, ``"sum"`` the official code; the direction is the
+same. The dual is solved on the Gramian to
 machine precision: for ``mu > 0`` the minimiser of ``g_w . g0 + mu |g_w|^2 / 2`` is the min-norm
 point of the hull of ``g_i + g0 / mu`` (an exact NNLS), and ``mu |g_w(mu)|`` increases with ``mu``,
 so a bracketed root search (Illinois false position) finds the ``mu = c |g0| / |g_w|`` that
@@ -90,9 +93,12 @@ class CAGrad(Aggregator):
                doc="radius of the ball around the mean gradient, in units of |g0|"),
         HParam("rescale", "int", 1, choices=(0, 1, 2),
                doc="divide the update by 1 (0), 1 + c^2 (1) or 1 + c (2), as in the official code"),
+        HParam("magnitude", "str", "mean", choices=("mean", "sum"),
+               doc="mean: the update around the mean gradient (LibMTL); sum: T times it, as the official code"),
     )
     c: float
     rescale: int
+    magnitude: str
 
     def weights(self, gramian: Tensor) -> Tensor:
         k = as_numpy(gramian)
@@ -107,4 +113,6 @@ class CAGrad(Aggregator):
             if gw_norm > 1e-10 * g0_norm:
                 alpha = alpha + (radius / gw_norm) * w
         alpha = alpha / {0: 1.0, 1: 1.0 + self.c ** 2, 2: 1.0 + self.c}[self.rescale]
+        if self.magnitude == "sum":
+            alpha = alpha * t
         return torch.from_numpy(alpha).to(gramian.device, gramian.dtype)
