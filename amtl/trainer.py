@@ -24,7 +24,7 @@ from amtl.data import collate
 from amtl.data.labels import SAMPLERS, describe_counts, task_balanced_weights, task_labels
 from amtl.distributed import (Collectives, GlobalBatchSampler, ShardSampler, all_reduce_mean_, all_reduce_sum_,
                               broadcast_, world)
-from amtl.data.registry import DATASETS, DataSplits, build_datasets
+from amtl.data.registry import DATASETS, DataSplits, build_datasets, delta_m_directions
 from amtl.models import MODELS_REGISTRY, build_model
 from amtl.models.base import MultiTaskModel
 from amtl.options import option
@@ -464,7 +464,7 @@ class Trainer:
             self.progress(f"resumed from {self.out_dir / CHECKPOINT} after epoch {self.epoch}")
         self.progress(f"training labels per task ({c.sampler} sampler): "
                       f"{describe_counts(self.label_counts, len(self.data.train))}")
-        dirs = directions(self.tasks)
+        dirs = delta_m_directions(c.dataset, directions(self.tasks))
         val: dict[str, float] = self.history[-1]["val"] if self.history else {}
         while self.epoch < c.epochs:
             train = self.train_epoch()

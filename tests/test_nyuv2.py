@@ -287,3 +287,20 @@ def test_writer_validates_and_refuses_overwrite(tmp_path):
         write_nyuv2_tree(tmp_path, "train", images, labels, depths, normals)
     write_nyuv2_tree(tmp_path, "train", images[:1], labels[:1], depths[:1], normals[:1], overwrite=True)
     assert len(NYUv2(tmp_path)) == 1
+
+
+def test_delta_m_counts_the_nine_metrics_of_the_published_nyuv2_protocol():
+    """CAGrad, Nash-MTL, LibMTL and IMTL average 9 NYUv2 metrics; depth/delta1 is reported but not
+    counted, so a Delta-m here compares with their tables. Datasets without a protocol count all."""
+    from amtl.data.registry import delta_m_directions
+    from amtl.tasks import delta_m, directions, make_task
+
+    every = directions([make_task("segmentation", num_classes=13), make_task("depth"), make_task("normal")])
+    counted = delta_m_directions("nyuv2", every)
+    assert sorted(counted) == ["depth/abs_err", "depth/rel_err", "normal/mean_angle", "normal/median_angle",
+                               "normal/within_11.25", "normal/within_22.5", "normal/within_30",
+                               "segmentation/miou", "segmentation/pixel_acc"]
+    assert "depth/delta1" in every and delta_m_directions("scenes", every) == every
+    baselines = {k: 1.0 for k in every}
+    assert delta_m({**baselines, "depth/delta1": 2.0}, baselines, counted) == 0.0
+    assert delta_m({**baselines, "depth/abs_err": 1.9}, baselines, counted) == pytest.approx(10.0)  # 90% / 9

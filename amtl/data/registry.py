@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from torch.utils.data import Dataset, Subset
 
@@ -16,6 +16,11 @@ from amtl.registry import Registry
 
 SCENE_TASKS = ("segmentation", "depth", "normal", "detection")
 NYU_TASKS = ("segmentation", "depth", "normal")
+#: NYUv2's Delta-m in the literature (CAGrad, Nash-MTL, LibMTL, IMTL): 9 metrics; depth/delta1 is
+#: reported but left out, or every Delta-m would differ from the published tables.
+NYU_DELTA_M = ("segmentation/miou", "segmentation/pixel_acc", "depth/abs_err", "depth/rel_err",
+               "normal/mean_angle", "normal/median_angle", "normal/within_11.25", "normal/within_22.5",
+               "normal/within_30")
 #: Fraction of NYUv2's on-disk train split held out as val; its on-disk val split serves as test.
 NYU_VAL_FRACTION = 0.1
 VOC_TASKS = ("segmentation", "detection")
@@ -61,18 +66,35 @@ DatasetBuilder = Callable[[tuple[str, ...], DataOptions], DataSplits]
 class DatasetEntry:
     build: DatasetBuilder
     tasks: tuple[str, ...] = field(default=())  # the tasks it can label
+    #: "task/metric" names its standard protocol averages in Delta-m (None: every metric of every task)
+    delta_m_metrics: tuple[str, ...] | None = None
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
 
 
-def register_dataset(name: str, build: DatasetBuilder, tasks: Sequence[str]) -> DatasetBuilder:
+def register_dataset(name: str, build: DatasetBuilder, tasks: Sequence[str],
+                     delta_m_metrics: Sequence[str] | None = None) -> DatasetBuilder:
     """Register ``build(tasks, options: DataOptions) -> DataSplits`` under ``name``; ``tasks`` are the
-    task names it can label (a sweep checks ``--tasks`` against them before anything starts)."""
+    task names it can label (a sweep checks ``--tasks`` against them before anything starts).
+
+    ``delta_m_metrics`` (``"task/metric"`` names) is the metric set of the dataset's standard
+    protocol, so Delta-m compares with published tables; other metrics are reported but stay out of
+    it. None: every metric of every task counts."""
     if isinstance(tasks, str) or not tasks:
         raise ValueError(f"dataset '{name}': declare the tasks it labels as a list of names")
-    DATASETS.add(name, DatasetEntry(build, tuple(tasks)))
+    if delta_m_metrics is not None and (isinstance(delta_m_metrics, str) or not delta_m_metrics
+                                        or not all("/" in m for m in delta_m_metrics)):
+        raise ValueError(f"dataset '{name}': declare delta_m_metrics as a list of 'task/metric' names")
+    DATASETS.add(name, DatasetEntry(build, tuple(tasks), tuple(delta_m_metrics) if delta_m_metrics else None))
     return build
+
+
+def delta_m_directions(dataset: str, directions: Mapping[str, bool]) -> dict[str, bool]:
+    """The metrics of ``directions`` (``{"task/metric": higher_is_better}``) that enter Delta-m on
+    ``dataset``: its protocol's set where it declares one, else all of them."""
+    protocol = DATASETS.get(dataset).delta_m_metrics
+    return dict(directions) if protocol is None else {k: v for k, v in directions.items() if k in protocol}
 
 
 def dataset_tasks(name: str) -> tuple[str, ...]:
@@ -150,6 +172,6 @@ def check_tasks(name: str, tasks: Sequence[str], available: Sequence[str]) -> No
 
 
 register_dataset("scenes", _scenes, SCENE_TASKS)
-register_dataset("nyuv2", _nyuv2, NYU_TASKS)
+register_dataset("nyuv2", _nyuv2, NYU_TASKS, NYU_DELTA_M)
 register_dataset("voc", _voc, VOC_TASKS)
 register_dataset("partial", _partial, PARTIAL_TASKS)
