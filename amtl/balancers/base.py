@@ -171,6 +171,11 @@ class Weighting(_Configurable):
 class Aggregator(_Configurable):
     """Turns the per-task gradient matrix into one update; subclasses implement :meth:`weights`."""
 
+    #: What the task-specific parameters (heads, and a weighting's own) receive: "plain", each task's
+    #: own gradient, or "weighted", alpha_t times it, as back-propagating ``sum_t alpha_t L_t`` gives
+    #: (the official Nash-MTL and MGDA code). Aggregators offering both declare :func:`heads_hparam`.
+    heads: str = "plain"
+
     def __init__(self, **hparams: Any) -> None:
         self._set_hparams(hparams)
 
@@ -186,6 +191,12 @@ class Aggregator(_Configurable):
             raise ValueError("gradient matrix contains inf or nan")
         # The weights come from a float64 Gramian; combine in the gradients' own dtype.
         return self.weights(gramian_of(grads)).to(grads.dtype) @ grads
+
+
+def heads_hparam(default: str) -> HParam:
+    """The ``heads`` hyperparameter (see :attr:`Aggregator.heads`) with this method's default."""
+    return HParam("heads", "str", default, choices=("plain", "weighted"),
+                  doc="task-specific parameters get their task's gradient (plain) or alpha_t times it (weighted)")
 
 
 def gramian_of(grads: Tensor) -> Tensor:

@@ -254,8 +254,9 @@ class Method:
         # Gradients are always computed with autograd.grad, never read back from .grad: each row of
         # G is one task's gradient alone. (The official AMTL trainer's PCGrad/CAGrad never zeroed
         # .grad between its per-task backward passes, so each "task gradient" was a running sum.)
+        own_rows: OwnGrads = []
         if chain:
-            rep = _task_pass(terms, z, own)  # [T, *z.shape]; also accumulates own params' grads
+            rep, own_rows = _task_pass(terms, z, own)  # [T, *z.shape]
         layerwise = None
         if self.source == "representation":
             rows, grads = None, rep.flatten(1)
@@ -270,8 +271,10 @@ class Method:
                 # None where the encoder has a parametrised op it cannot handle: then the plain VJPs.
                 layerwise = LayerwiseGramian.build(z, params, rep, release=True)
             if layerwise is None:
-                rows = (_vjp_rows(z, params, rep, release=self.source == "shared") if chain
-                        else _direct_rows(terms, params, own))
+                if chain:
+                    rows = _vjp_rows(z, params, rep, release=self.source == "shared")
+                else:
+                    rows, own_rows = _direct_rows(terms, params, own)
             grads = None
             if layerwise is None and (step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS):
                 grads = _flatten_rows(rows, params)
@@ -297,6 +300,10 @@ class Method:
             gramian = torch.eye(len(tasks), dtype=gramian.dtype, device=gramian.device)
             alpha = torch.ones(len(tasks), dtype=gramian.dtype, device=gramian.device)
         report = _report_alpha(self, tasks, alpha, gramian)
+        # Heads (and weighting parameters): their own task's gradient, or alpha_t times it as when
+        # sum_t alpha_t L_t is back-propagated (the official code of Nash-MTL; see Aggregator.heads).
+        weighted_heads = self.aggregator.heads == "weighted"
+        _accumulate_own(own, own_rows, list(self._last_alpha.values()) if weighted_heads else None)
 
         if self.source == "shared":
             if layerwise is not None:
@@ -346,21 +353,33 @@ def _report_alpha(method: Method, tasks: list[str], alpha: Tensor, gramian: Tens
     return report
 
 
-def _task_pass(terms: Mapping[str, Tensor], z: Tensor, own: list[Tensor]) -> Tensor:
-    """``dterm_t/dz`` for every task, stacked; adds ``sum_t dterm_t/dp`` to ``p.grad`` for ``p`` in ``own``.
+def _task_pass(terms: Mapping[str, Tensor], z: Tensor, own: list[Tensor]) -> tuple[Tensor, OwnGrads]:
+    """``dterm_t/dz`` for every task, stacked, and each task's gradients w.r.t. ``own``.
 
     One backward per task that stops at ``z``: it traverses only that task's head.
     """
-    rows = []
-    acc: list[Tensor | None] = [None] * len(own)
+    rows, own_rows = [], []
     for term in terms.values():
         out = torch.autograd.grad(term, [z] + own, retain_graph=True, allow_unused=True)
         rows.append(torch.zeros_like(z) if out[0] is None else out[0])
-        for i, g in enumerate(out[1:]):
-            if g is not None:
-                acc[i] = g if acc[i] is None else acc[i] + g
+        own_rows.append(list(out[1:]))
+    return torch.stack(rows), own_rows
+
+
+#: Per task, its gradients w.r.t. the heads and weighting parameters (None where it does not reach one).
+OwnGrads = list[list[Tensor | None]]
+
+
+def _accumulate_own(own: list[Tensor], own_rows: OwnGrads, alpha: Sequence[float] | None) -> None:
+    """Add ``sum_t alpha_t * own_rows[t]`` (``alpha`` None: plain sum) to the ``own`` parameters' ``.grad``."""
+    acc: list[Tensor | None] = [None] * len(own)
+    for t, row in enumerate(own_rows):
+        for i, g in enumerate(row):
+            if g is None:
+                continue
+            g = g if alpha is None else g * alpha[t]
+            acc[i] = g if acc[i] is None else acc[i] + g
     _accumulate(own, acc)
-    return torch.stack(rows)
 
 
 # Up to this many tasks the Gramian is summed from per-parameter dot products (T(T+1)/2 per
@@ -379,18 +398,15 @@ def _vjp_rows(z: Tensor, params: list[Tensor], rep: Tensor, release: bool) -> Ro
     return rows
 
 
-def _direct_rows(terms: Mapping[str, Tensor], params: list[Tensor], own: list[Tensor]) -> Rows:
-    """Per-task gradients w.r.t. ``params`` straight from the losses (no representation given)."""
-    rows = []
-    acc: list[Tensor | None] = [None] * len(own)
+def _direct_rows(terms: Mapping[str, Tensor], params: list[Tensor], own: list[Tensor]) -> tuple[Rows, OwnGrads]:
+    """Per-task gradients w.r.t. ``params`` straight from the losses (no representation given), and
+    w.r.t. ``own``."""
+    rows, own_rows = [], []
     for term in terms.values():
         out = torch.autograd.grad(term, params + own, retain_graph=True, allow_unused=True)
         rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(out[:len(params)], params)])
-        for i, g in enumerate(out[len(params):]):
-            if g is not None:
-                acc[i] = g if acc[i] is None else acc[i] + g
-    _accumulate(own, acc)
-    return rows
+        own_rows.append(list(out[len(params):]))
+    return rows, own_rows
 
 
 def _flatten_rows(rows: Rows, params: list[Tensor]) -> Tensor:

@@ -517,7 +517,7 @@ def test_engine_matches_autograd(name, source, with_rep):
            "representation": [step.representation]}[source]
     g_src = _per_task(losses, src)
     g_shared = _per_task(losses, step.shared_params)
-    head = _per_task(losses, step.task_params).sum(0)
+    head_rows = _per_task(losses, step.task_params)
     ref = make(name, TASKS, source=source)
     alpha = ref.aggregator.weights(gramian_of(g_src)).to(g_src.dtype)
     if source == "shared":  # the engine's update is what aggregate() gives on the same matrix
@@ -529,9 +529,30 @@ def test_engine_matches_autograd(name, source, with_rep):
     got_shared = torch.cat([p.grad.reshape(-1) for p in step.shared_params])
     got_head = torch.cat([p.grad.reshape(-1) for p in step.task_params])
     assert torch.allclose(got_shared, alpha @ g_shared, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(got_head, head, rtol=1e-5, atol=1e-7)  # heads: plain task gradients
+    # Heads: their task's gradient, or alpha_t times it where the method follows sum_t alpha_t L_t.
+    head = alpha @ head_rows if m.aggregator.heads == "weighted" else head_rows.sum(0)
+    assert torch.allclose(got_head, head, rtol=1e-5, atol=1e-7)
     assert set(report.weights) == set(TASKS) and report.condition_number is not None
     assert len(report.cosines) == 3
+
+
+@pytest.mark.parametrize("name, default", [("nash", "weighted"), ("mgda", "plain")])
+def test_heads_follow_the_official_code_or_the_paper(name, default):
+    """Nash-MTL's official code back-propagates sum_t alpha_t L_t, so head t gets alpha_t times its
+    gradient (the default); MGDA's paper gives heads their plain task gradient (its default), its
+    official code the weighted one. Either method offers the other rule."""
+    assert make(name, TASKS).aggregator.heads == default
+    got = {}
+    for heads in ("plain", "weighted"):
+        model = Tiny()
+        step, losses = model.step(*_data())
+        m = make(name, TASKS, heads=heads)
+        m.backward(step)
+        alpha = torch.tensor(list(m._last_alpha.values()), dtype=torch.float32)
+        rows = _per_task(losses, step.task_params)
+        got[heads] = torch.cat([p.grad.reshape(-1) for p in step.task_params])
+        assert torch.allclose(got[heads], alpha @ rows if heads == "weighted" else rows.sum(0), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got["plain"], got["weighted"])
 
 
 def test_engine_task_gradients_independent_of_existing_grad():

@@ -4,7 +4,9 @@ with ``alpha > 0``. That equation is the stationarity condition of the strictly 
 ``f(a) = a^T K a / 2 - sum(log a)``, so a damped Newton method finds it to machine precision in a
 few steps (the official code runs up to ``optim_niter`` convex-concave steps with cvxpy).
 Options of the official code: ``max_norm`` clips the update norm, ``update_weights_every`` reuses
-the last solution between solves.
+the last solution between solves. The official code (and LibMTL) back-propagates
+``sum_t alpha_t L_t``, so head t's gradient is scaled by ``alpha_t``: ``heads="weighted"``, the default;
+``heads="plain"`` gives heads their task's own gradient (this code's rule before).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from amtl.balancers.aggregators._simplex import as_numpy, fair_weights
-from amtl.balancers.base import Aggregator, HParam
+from amtl.balancers.base import Aggregator, HParam, heads_hparam
 from amtl.balancers.method import register_aggregator
 
 @register_aggregator
@@ -27,10 +29,12 @@ class NashMTL(Aggregator):
                doc="clip the update norm |alpha @ G| to this value; 0 disables"),
         HParam("update_weights_every", "int", 1, low=1, doc="solve every this many steps"),
         HParam("optim_niter", "int", 20, low=1, doc="Newton iterations per solve (upper bound)"),
+        heads_hparam("weighted"),
     )
     max_norm: float
     update_weights_every: int
     optim_niter: int
+    heads: str
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
