@@ -35,23 +35,30 @@ def project_weights(k: np.ndarray, u: np.ndarray) -> np.ndarray:
     return u + nnls_gram(q, -(q @ u), 10 * t + 10)
 
 
+class _DualCone(Aggregator):
+    """Sums the dual-cone projections of the vectors ``u^T G`` for ``u`` in :meth:`projected`."""
+
+    def projected(self, t: int) -> np.ndarray:
+        """The ``u`` vectors to project, one per row."""
+        raise NotImplementedError
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        k = as_numpy(gramian)
+        w = sum((project_weights(k, u) for u in self.projected(k.shape[0])), start=np.zeros(k.shape[0]))
+        return torch.from_numpy(w).to(gramian.device, gramian.dtype)
+
+
 @register_aggregator
-class UPGrad(Aggregator):
+class UPGrad(_DualCone):
     name = "upgrad"
 
-    def weights(self, gramian: Tensor) -> Tensor:
-        k = as_numpy(gramian)
-        t = k.shape[0]
-        w = sum((project_weights(k, np.eye(t)[i] / t) for i in range(t)), start=np.zeros(t))
-        return torch.from_numpy(w).to(gramian.device, gramian.dtype)
+    def projected(self, t: int) -> np.ndarray:
+        return np.eye(t) / t  # each task's own gradient, scaled 1/T
 
 
 @register_aggregator
-class DualProj(Aggregator):
+class DualProj(_DualCone):
     name = "dualproj"
 
-    def weights(self, gramian: Tensor) -> Tensor:
-        k = as_numpy(gramian)
-        t = k.shape[0]
-        w = project_weights(k, np.full(t, 1.0 / t))
-        return torch.from_numpy(w).to(gramian.device, gramian.dtype)
+    def projected(self, t: int) -> np.ndarray:
+        return np.full((1, t), 1.0 / t)  # the mean gradient
