@@ -114,6 +114,26 @@ def test_rotation_invariant(name):
     assert torch.allclose(agg(name, **kw).aggregate(g @ q), agg(name, **kw).aggregate(g) @ q, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_identical_gradients_give_that_gradient_direction(name):
+    """T copies of one gradient: every aggregator moves along it (no conflict to resolve)."""
+    g = plain(1, 12, 7).repeat(4, 1)
+    d = agg(name, **({"max_norm": 0.0} if name == "nash" else {})).aggregate(g)
+    assert torch.allclose(unit(d), unit(g[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_ten_tasks_with_a_zero_gradient(name):
+    """T = 10 with one task's gradient exactly zero (no labels in the batch): finite weights, and the
+    update still helps every other task unless the method trades one off by design."""
+    g = conflicting(10, 40, 4)
+    g[3] = 0.0
+    w = agg(name).weights(gramian_of(g))
+    assert w.shape == (10,) and torch.isfinite(w).all()
+    if name in NON_CONFLICTING:
+        assert (gramian_of(g) @ w).min() >= -1e-10 * gramian_of(g).diagonal().max()
+
+
 # -- MGDA ---------------------------------------------------------------------------------------
 def _simplex_grid(t: int, n: int):
     for c in itertools.product(range(n + 1), repeat=t - 1):
