@@ -18,7 +18,7 @@ sweep: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(PY) run_sweep.py --method amtl --samples 4
 
 test: $(STAMP)
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q tests
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
 	$(PY) bench/trainer.py
