@@ -13,7 +13,7 @@ the layers' output gradients. So here:
    (``GradientEdge(node, 0)``) instead of its weight, so the engine skips the conv weight gradients.
    The same pass returns the norm scales/shifts and conv biases directly: their backward already
    forms the sums these gradients are (``sum delta * x_hat``, ``sum delta``) to get the input
-   gradient, so asking for them costs little (1-2.5 ms a pass on the ResNet-18 benchmark model);
+   gradient, so asking for them costs little (docs/benchmarks.md, "Balancer step time");
 3. per conv, from ``delta_1..delta_T`` and the input the forward saved, one of two exact forms:
    A: the T weight gradients (one ``convolution_backward`` each, weight gradient only), kept for
       the Gramian's dot products and the update;
@@ -75,7 +75,7 @@ def find_layers(z: Tensor, params: Sequence[Tensor]) -> tuple[list[_Conv], list[
     where this engine must not be used (then the plain VJPs run).
 
     The graph and its saved tensors are new every step, so nothing is cached; the walk visits each
-    node once (~170 nodes, under 1 ms on the ResNet-18 model).
+    node once (about 170 nodes on the ResNet-18 model).
     """
     if z.grad_fn is None or any(getattr(p, "_backward_hooks", None) for p in params):
         return None  # tensor hooks on a conv weight would not see its (never formed) per-task gradient
@@ -144,10 +144,9 @@ def _prefers_kernel(n: int, p: int, out: int, tasks: int, kernel_cost: int) -> b
     A: T weight gradients (T N p out) and their dot products (T^2 p out / 2).
     B: the kernel U U^T (``kernel_cost``, from :func:`_kernel_cost`), K D_t for every task
     (T N^2 out), the final weight gradient (N p out).
-    The margin: measured on CPU (1 thread, bench/balancers.py's model), B's plain matrix products
-    ran ~1.5x fewer multiply-adds per second than the conv weight-gradient kernels of A, so on the
-    ResNet-18 layer3 convs with an unfolded kernel (B/A = 0.77 in multiply-adds) A was still faster,
-    8 against 9-10 ms. With the channel-Gramian kernel their B/A is 0.48.
+    The margin: on CPU, B's plain matrix products run about 1.5x fewer multiply-adds per second
+    than the conv weight-gradient kernels of A (bench/balancers.py's model; docs/benchmarks.md), so
+    B must need clearly fewer of them to win.
     """
     if n > _KERNEL_MAX_POSITIONS:
         return False
@@ -161,7 +160,7 @@ def _patch_kernel(conv: _Conv, x: Tensor, weight_shape: Sequence[int], out_hw: S
     ``sum_(i, j) <x[b, :, y s + i d, x s + j d], x[b', :, y' s + i d, x' s + j d]>`` over the kernel
     taps of the zero-padded input (s stride, d dilation), i.e. a sum of kh*kw strided slices of the
     channel Gramian of ``x``. Laid out ``[h, w, h, w, n, n]`` so each slice has contiguous n x n
-    blocks: with batch-major rows the 6-D slices summed at half the speed (layer3: 1.5 against 0.75 ms).
+    blocks: with batch-major rows the 6-D slices sum at half the speed.
     """
     n, c, h, w = x.shape
     (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation

@@ -48,9 +48,7 @@ def cagrad_dual(k: np.ndarray, radius: float, iters: int = 200) -> np.ndarray:
     while r_hi <= 0 and hi < 300:
         if norm == 0.0:
             # g_w = 0 minimises at this mu, so at every larger mu too: 0 is in the hull (Pareto-
-            # stationary). Stopping here also fixes an OverflowError of the earlier loop, which kept
-            # growing mu (bound e^700) and overflowed mu ** 2 past e^355 whenever |g_w| came out as
-            # exactly 0 (a zero task gradient; roundoff putting |g_w|^2 <= 0).
+            # stationary). Growing mu further would overflow mu ** 2 (test_cagrad_zero_in_hull).
             return w_hi
         hi += 4.0
         w_hi, norm, r_hi = solve(hi)
