@@ -327,7 +327,8 @@ def backward(method: Method, losses: Mapping[str, Tensor], shared: Iterable[Tens
     """One balancer step inside your own training loop: fill ``.grad`` of ``shared`` and ``heads``.
 
     ``losses``: each task's scalar loss; ``shared``: the parameters all tasks use (the encoder);
-    ``heads``: the task-specific ones (each receives its own task's gradient). ``representation``,
+    ``heads``: the task-specific ones (each receives its task's gradient, times alpha_t where the
+    aggregator weights heads: ``Aggregator.heads``). ``representation``,
     the encoder output the heads read, lets gradient methods traverse each head once and is needed
     for ``source='representation'``; ``last_shared`` for ``source='last'``. Then call
     ``optimizer.step()`` and ``method.after_step()``; give validation KPIs (higher is better) to
