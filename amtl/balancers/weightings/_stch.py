@@ -41,7 +41,8 @@ class SmoothTchebycheff(Weighting):
         super().__init__(tasks, **hparams)
         self._epochs_done = 0
         self._nadir: dict[str, float] | None = None
-        self._multipliers: dict[str, float] = {t: 1.0 for t in self.tasks}
+        # Tensors, read as floats only when asked: float() here would sync the GPU every step.
+        self._multipliers: dict[str, Tensor | float] = {t: 1.0 for t in self.tasks}
 
     def terms(self, step: StepInputs) -> dict[str, Tensor]:
         present = list(step.losses)
@@ -55,13 +56,13 @@ class SmoothTchebycheff(Weighting):
                 relative = torch.log(losses / nadir.to(losses.device, losses.dtype) + LOG_EPS)
                 return len(self.tasks) * self.mu * torch.logsumexp(relative / self.mu, dim=0)
         terms, coef = exact_share_terms(step.losses, objective)
-        self._multipliers = {t: float(coef[i]) for i, t in enumerate(present)}
+        self._multipliers = dict(zip(present, coef.detach()))
         return terms
 
     @property
     def weights(self) -> dict[str, float]:
         """Gradient multipliers ``d obj / d L_t`` of the last step (0 for tasks absent from it)."""
-        return {t: self._multipliers.get(t, 0.0) for t in self.tasks}
+        return {t: float(self._multipliers.get(t, 0.0)) for t in self.tasks}
 
     def on_epoch_end(self, mean_train_losses: Mapping[str, float]) -> None:
         self._epochs_done += 1
