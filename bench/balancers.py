@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from amtl.balancers import StepInputs, make
-from amtl.balancers.method import _AGGREGATORS, _WEIGHTINGS, SOURCES
+from amtl.balancers.method import _AGGREGATORS, _WEIGHTINGS
 from amtl.models import build_model
 from amtl.tasks import make_task
 
@@ -69,7 +69,7 @@ def variants(engines: bool = False) -> list[tuple[str, str, dict]]:
             kw["potentials"] = {t: 1.0 for t in TASKS}
         out.append((w, w, kw))
     for a in sorted(_AGGREGATORS):
-        for src in SOURCES:
+        for src in _AGGREGATORS[a].sources:
             out.append((f"{a} ({src})", a, {"source": src}))
             if engines and src == "shared":
                 out.append((f"{a} (shared-vjp)", a, {"source": src, "layerwise": False}))

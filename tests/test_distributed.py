@@ -23,11 +23,11 @@ DATA = dict(image_size=32, n_train=16, n_val=8, n_test=4)
 
 
 def _cases() -> dict[str, tuple[str, dict]]:
-    """``{case id: (method, hparams)}``: every registry name, aggregators once per gradient source."""
+    """``{case id: (method, hparams)}``: every registry name, aggregators once per gradient source they read."""
     cases = {}
     for name, specs in balancers.registry().items():
         if "source" in specs:
-            for source in balancers.SOURCES:
+            for source in specs["source"].choices:
                 cases[f"{name}[{source}]"] = (name, {"source": source})
         else:
             cases[name] = (name, {})

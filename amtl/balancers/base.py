@@ -4,9 +4,13 @@
   Writing every weighting as a sum of per-task terms (the geometric mean included, see AMTL) is what
   lets any weighting be combined with any gradient aggregator.
 - An :class:`Aggregator` turns the per-task gradient matrix ``G`` ``[T, D]`` into one update ``[D]``.
-  Every aggregator here is a function of the Gramian ``G G^T`` only: it returns task weights
-  ``alpha`` and the update is ``alpha @ G``. That keeps each method a few lines and lets the engine
+  Most are a function of the Gramian ``G G^T`` only: they return task weights ``alpha`` and the
+  update is ``alpha @ G``. That keeps each method a few lines and lets the engine
   (:mod:`amtl.balancers.method`) choose the cheapest way to form the update.
+- A :class:`MatrixAggregator` is the one extra capability: it reads the gradient *entries* (sign
+  dropout, per-layer blocks, gradients tracked across steps) and returns the update itself. It
+  declares it by its base class; the engine then serves it the flat ``[T, D]`` matrix of the shared
+  parameters (global under data parallelism) and keeps the Gramian-only path for everyone else.
 """
 from __future__ import annotations
 
@@ -175,6 +179,8 @@ class Aggregator(_Configurable):
     #: own gradient, or "weighted", alpha_t times it, as back-propagating ``sum_t alpha_t L_t`` gives
     #: (the official Nash-MTL and MGDA code). Aggregators offering both declare :func:`heads_hparam`.
     heads: str = "plain"
+    #: The gradient sources (:data:`amtl.balancers.method.SOURCES`) the method can read.
+    sources: ClassVar[tuple[str, ...]] = ("shared", "last", "representation")
 
     def __init__(self, **hparams: Any) -> None:
         self._set_hparams(hparams)
@@ -191,6 +197,62 @@ class Aggregator(_Configurable):
             raise ValueError("gradient matrix contains inf or nan")
         # The weights come from a float64 Gramian; combine in the gradients' own dtype.
         return self.weights(gramian_of(grads)).to(grads.dtype) @ grads
+
+
+@dataclass
+class GradientMatrix:
+    """What a :class:`MatrixAggregator` reads in one step.
+
+    ``grads`` ``[T, D]``: each task's gradient w.r.t. the shared parameters, unscaled, the global
+    batch's under data parallelism (every rank holds the same matrix). ``values`` ``[T]``: the terms'
+    values (global, detached), e.g. for gradients of ``log L_t``. ``blocks``: the sizes of the
+    consecutive parameter tensors that make up ``D`` (per-layer methods).
+    """
+
+    grads: Tensor
+    tasks: list[str]
+    values: Tensor
+    blocks: list[int]
+
+
+@dataclass
+class Combined:
+    """A :class:`MatrixAggregator`'s answer: the update ``[D]`` and the task weights ``[T]`` it reports.
+
+    ``weights`` are what the leaderboard and weight plots show and, for ``heads = "weighted"``, what
+    heads are scaled by; ``head_weights`` overrides the latter where the two differ (DB-MTL).
+    """
+
+    update: Tensor
+    weights: Tensor
+    head_weights: Tensor | None = None
+
+
+class MatrixAggregator(Aggregator):
+    """An aggregator that reads gradient entries, not only their Gramian; implements :meth:`combine`.
+
+    It reads all shared parameters (``source='shared'``), as the reference code of every such
+    method does. State that follows single tasks is kept per task name, so partially labelled
+    batches (a task absent from a step) leave other tasks' state untouched.
+    """
+
+    sources = ("shared",)
+
+    def combine(self, matrix: GradientMatrix) -> Combined:
+        raise NotImplementedError
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        raise TypeError(f"'{self.name}' reads gradient entries, not only their Gramian: call combine() or aggregate()")
+
+    def aggregate(self, grads: Tensor) -> Tensor:
+        """``combine`` on ``grads`` as one parameter block, with unit term values."""
+        if grads.ndim != 2 or grads.shape[0] == 0:
+            raise ValueError(f"expected a [T, D] gradient matrix with T >= 1, got shape {tuple(grads.shape)}")
+        if not torch.isfinite(grads).all():
+            raise ValueError("gradient matrix contains inf or nan")
+        tasks = [f"task{i}" for i in range(grads.shape[0])]
+        ones = torch.ones(grads.shape[0], dtype=grads.dtype, device=grads.device)
+        return self.combine(GradientMatrix(grads, tasks, ones, [grads.shape[1]])).update
 
 
 def heads_hparam(default: str) -> HParam:

@@ -6,8 +6,10 @@ The engine in :meth:`Method.backward` fills ``.grad`` of every trainable paramet
 - with an aggregator, ``source`` picks the gradients the aggregator sees:
   ``shared`` (all shared parameters; exact), ``last`` (the last shared layer's parameters) or
   ``representation`` (the shared representation; the "UB" variants). The aggregator turns their
-  Gramian into task weights ``alpha``. Task-specific heads always receive their own plain task
-  gradients; shared parameters receive ``sum_t alpha_t grad(term_t)``.
+  Gramian into task weights ``alpha``; shared parameters receive ``sum_t alpha_t grad(term_t)`` and
+  task-specific heads their own task's gradient (times ``alpha_t`` where ``Aggregator.heads`` says so).
+  A :class:`~amtl.balancers.base.MatrixAggregator` instead reads the flat ``[T, D]`` matrix of all
+  shared parameters and returns the shared parameters' update itself.
 
 Under data parallelism (``StepInputs.ranks`` of size N > 1) the aggregator sees the global batch's
 Gramian, so every rank computes the same ``alpha`` as one process would: parameter-space task
@@ -17,15 +19,15 @@ are summed (divided by N^2, see :class:`~amtl.distributed.Collectives`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from amtl.balancers._layerwise import LayerwiseGramian
-from amtl.balancers.base import (Aggregator, HParam, HParamError, Rows, StepInputs, Weighting, combine_rows,
-                                 gramian_of, pairwise_gramian)
+from amtl.balancers.base import (Aggregator, Combined, GradientMatrix, HParam, HParamError, MatrixAggregator, Rows,
+                                 StepInputs, Weighting, combine_rows, gramian_of, pairwise_gramian)
 
 SOURCES = ("shared", "last", "representation")
 #: Keyword arguments of :func:`make` that describe the run rather than the method.
@@ -105,8 +107,16 @@ def hparam_specs(name: str) -> dict[str, HParam]:
             if h.name in specs:
                 raise TypeError(f"hyperparameter {h.name!r} declared by both {weighting} and {aggregator}")
             specs[h.name] = h
-        specs["source"] = SOURCE_HPARAM
+        specs["source"] = source_hparam(_AGGREGATORS[aggregator])
     return specs
+
+
+def source_hparam(cls: type[Aggregator]) -> HParam:
+    """``source`` with the choices the aggregator can read (all three, or ``shared`` alone)."""
+    if cls.sources == SOURCES:
+        return SOURCE_HPARAM
+    return replace(SOURCE_HPARAM, choices=cls.sources,
+                   doc=f"{SOURCE_HPARAM.doc}; '{cls.name}' reads gradient entries of all shared parameters")
 
 
 def context_keys(name: str) -> set[str]:
@@ -149,7 +159,7 @@ def make(name: str, tasks: Sequence[str], **hparams: Any) -> "Method":
         a_cls = _AGGREGATORS[aggregator_name]
         aggregator = a_cls(**{k: v for k, v in hparams.items() if k in {h.name for h in a_cls.hparams}},
                            **context(a_cls))
-        source = SOURCE_HPARAM.validate(source, name)
+        source = source_hparam(a_cls).validate(source, name)
     elif source != "shared":
         raise HParamError(f"'{name}' has no gradient aggregator, so 'source' does not apply")
     return Method(name, weighting, aggregator, source)
@@ -258,6 +268,8 @@ class Method:
         if chain:
             rep, own_rows = _task_pass(terms, z, own)  # [T, *z.shape]
         layerwise = None
+        # A MatrixAggregator reads the flat [T, D] matrix itself, so no engine may skip forming it.
+        entries = isinstance(self.aggregator, MatrixAggregator)
         if self.source == "representation":
             rows, grads = None, rep.flatten(1)
         else:
@@ -267,7 +279,7 @@ class Method:
                 raise ValueError(f"source={self.source!r} needs StepInputs.{field_name}")
             # The shared-source passes may free the encoder graph at the end: nothing traverses it later.
             if (self.source == "shared" and chain and self.layerwise and step.ranks.size == 1
-                    and len(tasks) <= _PAIRWISE_MAX_TASKS):
+                    and len(tasks) <= _PAIRWISE_MAX_TASKS and not entries):
                 # None where the encoder has a parametrised op it cannot handle: then the plain VJPs.
                 layerwise = LayerwiseGramian.build(z, params, rep, release=True)
             if layerwise is None:
@@ -276,7 +288,7 @@ class Method:
                 else:
                     rows, own_rows = _direct_rows(terms, params, own)
             grads = None
-            if layerwise is None and (step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS):
+            if layerwise is None and (step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS or entries):
                 grads = _flatten_rows(rows, params)
                 rows = None
             if step.ranks.size > 1:
@@ -292,8 +304,13 @@ class Method:
             gramian = step.ranks.sum_(gramian) / step.ranks.size ** 2
         if loss_scale is not None:
             gramian = gramian / torch.as_tensor(loss_scale, dtype=gramian.dtype, device=gramian.device) ** 2
+        combined = None
         if loss_scale is None or bool(torch.isfinite(gramian).all()):
-            alpha = self.aggregator.weights(gramian).to(gramian.device)
+            if entries:
+                combined = self._combine(tasks, terms, grads, params, loss_scale)
+                alpha = combined.weights.to(gramian)
+            else:
+                alpha = self.aggregator.weights(gramian).to(gramian.device)
         else:
             # An overflowed scaled gradient: the scaler will skip this step on every rank (the
             # Gramian is global, so all ranks land here); solvers must not see the inf/nan.
@@ -302,11 +319,18 @@ class Method:
         report = _report_alpha(self, tasks, alpha, gramian)
         # Heads (and weighting parameters): their own task's gradient, or alpha_t times it as when
         # sum_t alpha_t L_t is back-propagated (the official code of Nash-MTL; see Aggregator.heads).
-        weighted_heads = self.aggregator.heads == "weighted"
-        _accumulate_own(own, own_rows, list(self._last_alpha.values()) if weighted_heads else None)
+        head_alpha = None
+        if self.aggregator.heads == "weighted":
+            head_alpha = list(self._last_alpha.values())
+            if combined is not None and combined.head_weights is not None:
+                head_alpha = combined.head_weights.tolist()
+        _accumulate_own(own, own_rows, head_alpha)
 
         if self.source == "shared":
-            if layerwise is not None:
+            if combined is not None:
+                update = combined.update.to(grads.dtype)
+                _assign_flat(step.shared_params, update if loss_scale is None else update * loss_scale)
+            elif layerwise is not None:
                 _accumulate(step.shared_params, layerwise.update(list(self._last_alpha.values())))
             elif rows is None:
                 _assign_flat(step.shared_params, alpha.to(grads.dtype) @ grads)
@@ -319,6 +343,16 @@ class Method:
             weighted = torch.stack([a * terms[t] for a, t in zip(alpha.to(terms[tasks[0]].dtype), tasks)]).sum()
             torch.autograd.backward(weighted, inputs=step.shared_params)
         return report
+
+
+    def _combine(self, tasks: list[str], terms: Mapping[str, Tensor], grads: Tensor, params: list[Tensor],
+                 loss_scale: Tensor | float | None) -> Combined:
+        """Serve a :class:`MatrixAggregator` its unscaled matrix, the terms' values and the blocks."""
+        values = torch.stack([terms[t].detach() for t in tasks]).to(grads.dtype)
+        if loss_scale is not None:
+            grads, values = grads / loss_scale, values / loss_scale
+        matrix = GradientMatrix(grads, tasks, values, [p.numel() for p in params])
+        return self.aggregator.combine(matrix)
 
 
 def backward(method: Method, losses: Mapping[str, Tensor], shared: Iterable[Tensor], heads: Iterable[Tensor],

@@ -14,10 +14,14 @@ from torch import nn
 
 from amtl.balancers import StepInputs, gramian_of, make
 from amtl.balancers.aggregators._simplex import min_norm_weights
+from amtl.balancers.base import GradientMatrix, MatrixAggregator
 from amtl.balancers.method import _AGGREGATORS
 from amtl.distributed import Collectives
 
 AGGREGATORS = sorted(_AGGREGATORS)
+#: Aggregators that read gradient entries (MatrixAggregator) rather than the Gramian alone.
+ENTRIES = [n for n in AGGREGATORS if issubclass(_AGGREGATORS[n], MatrixAggregator)]
+GRAMIAN = [n for n in AGGREGATORS if n not in ENTRIES]
 DT = torch.float64
 
 
@@ -60,6 +64,17 @@ def unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm()
 
 
+def matrix(g: torch.Tensor, values: torch.Tensor | None = None, blocks: list[int] | None = None) -> GradientMatrix:
+    tasks = [f"t{i}" for i in range(g.shape[0])]
+    values = torch.ones(g.shape[0], dtype=g.dtype) if values is None else values
+    return GradientMatrix(g, tasks, values, [g.shape[1]] if blocks is None else blocks)
+
+
+def weights_of(a, g: torch.Tensor) -> torch.Tensor:
+    """Task weights from the Gramian, or from the entries for a MatrixAggregator."""
+    return a.combine(matrix(g)).weights if isinstance(a, MatrixAggregator) else a.weights(gramian_of(g))
+
+
 # -- base-class checks ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", AGGREGATORS)
 def test_input_checks(name):
@@ -81,7 +96,7 @@ def test_input_checks(name):
 @pytest.mark.parametrize("sampler", SAMPLERS + [low_rank])
 def test_finite_and_shaped(name, sampler):
     g = sampler(4, 16, 1)
-    w = agg(name).weights(gramian_of(g))
+    w = weights_of(agg(name), g)
     assert w.shape == (4,) and torch.isfinite(w).all()
     assert agg(name).aggregate(g).shape == (16,)
 
@@ -94,7 +109,7 @@ def test_single_task_and_zero_gradients(name):
     assert torch.isfinite(agg(name).aggregate(torch.zeros(3, 8, dtype=DT))).all()
 
 
-@pytest.mark.parametrize("name", [n for n in AGGREGATORS if n != "pcgrad"])
+@pytest.mark.parametrize("name", [n for n in GRAMIAN if n != "pcgrad"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_permutation_equivariant(name, sampler):
     """Relabelling tasks permutes the weights and leaves the update unchanged."""
@@ -105,12 +120,26 @@ def test_permutation_equivariant(name, sampler):
     assert torch.allclose(wp, w[perm], rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", [n for n in AGGREGATORS if n != "nash"])
+@pytest.mark.parametrize("name", [n for n in ENTRIES if n != "gradvac"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_entry_methods_do_not_depend_on_task_order(name, sampler):
+    """Relabelling tasks permutes the weights and leaves the update unchanged (GradDrop: the same
+    uniform draws, which belong to entries, not tasks). GradVac draws a random order, as PCGrad."""
+    g = sampler(4, 16, 2)
+    perm = torch.tensor([2, 0, 3, 1])
+    a, b = agg(name).combine(matrix(g)), agg(name).combine(matrix(g[perm]))
+    assert torch.allclose(b.weights, a.weights[perm], rtol=1e-6, atol=1e-9)
+    assert torch.allclose(b.update, a.update, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in AGGREGATORS if n not in ("nash", "excess-mtl", "graddrop")])
 def test_rotation_invariant(name):
-    """Only the Gramian matters: rotating every gradient rotates the update."""
+    """Only the Gramian matters: rotating every gradient rotates the update. So too for DB-MTL, MoCo
+    and whole-encoder GradVac (norms and inner products only); ExcessMTL and GradDrop read single
+    entries (squares, signs) by design."""
     g = conflicting(3, 6, 3)
     q, _ = torch.linalg.qr(plain(6, 6, 4))
-    kw = {"seed": 5} if name == "pcgrad" else {}
+    kw = {"seed": 5} if name in ("pcgrad", "gradvac") else {}
     assert torch.allclose(agg(name, **kw).aggregate(g @ q), agg(name, **kw).aggregate(g) @ q, atol=1e-9)
 
 
@@ -128,7 +157,7 @@ def test_ten_tasks_with_a_zero_gradient(name):
     update still helps every other task unless the method trades one off by design."""
     g = conflicting(10, 40, 4)
     g[3] = 0.0
-    w = agg(name).weights(gramian_of(g))
+    w = weights_of(agg(name), g)
     assert w.shape == (10,) and torch.isfinite(w).all()
     if name in NON_CONFLICTING:
         assert (gramian_of(g) @ w).min() >= -1e-10 * gramian_of(g).diagonal().max()
@@ -526,7 +555,7 @@ def _data():
 
 @pytest.mark.parametrize("source, with_rep", [("shared", True), ("last", True), ("representation", True),
                                               ("shared", False), ("last", False)])
-@pytest.mark.parametrize("name", AGGREGATORS)
+@pytest.mark.parametrize("name", GRAMIAN)
 def test_engine_matches_autograd(name, source, with_rep):
     model = Tiny()
     x, y = _data()

@@ -49,8 +49,8 @@ def test_every_weighting_aggregator_combination_trains(name, data):
     train_one_epoch(name, data)
 
 
-@pytest.mark.parametrize("aggregator", sorted(_AGGREGATORS))
-@pytest.mark.parametrize("source", ["last", "representation"])
+@pytest.mark.parametrize("aggregator, source", [(a, s) for a in sorted(_AGGREGATORS) for s in ("last", "representation")
+                                                if s in _AGGREGATORS[a].sources])
 def test_every_aggregator_trains_from_every_gradient_source(aggregator, source, data):
     trainer = train_one_epoch(aggregator, data, source=source)
     assert trainer.method.source == source
