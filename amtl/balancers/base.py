@@ -206,13 +206,17 @@ class GradientMatrix:
     ``grads`` ``[T, D]``: each task's gradient w.r.t. the shared parameters, unscaled, the global
     batch's under data parallelism (every rank holds the same matrix). ``values`` ``[T]``: the terms'
     values (global, detached), e.g. for gradients of ``log L_t``. ``blocks``: the sizes of the
-    consecutive parameter tensors that make up ``D`` (per-layer methods).
+    consecutive parameter tensors that make up ``D`` (per-layer methods). ``batches`` ``[P, T, D]``,
+    for aggregators that declare ``independent_batches = P``: each task's gradient on each of P
+    disjoint parts of the batch (the mean over the part's labelled samples); ``grads`` is then the
+    whole batch's. None elsewhere (and from :meth:`MatrixAggregator.aggregate`).
     """
 
     grads: Tensor
     tasks: list[str]
     values: Tensor
     blocks: list[int]
+    batches: Tensor | None = None
 
 
 @dataclass
@@ -237,6 +241,11 @@ class MatrixAggregator(Aggregator):
     """
 
     sources = ("shared",)
+    #: More than 1: the method needs gradients from that many independent mini-batches (MoDo,
+    #: SDMGrad). The engine splits each batch into that many disjoint parts, sample ``i`` going to
+    #: part ``(index_i + step) mod P`` (the same on every rank, and a different part every step), and
+    #: serves ``GradientMatrix.batches``; it needs per-sample losses and sample ids (amtl's Trainer).
+    independent_batches: ClassVar[int] = 1
 
     def combine(self, matrix: GradientMatrix) -> Combined:
         raise NotImplementedError

@@ -265,11 +265,13 @@ class Method:
         # G is one task's gradient alone. (The official AMTL trainer's PCGrad/CAGrad never zeroed
         # .grad between its per-task backward passes, so each "task gradient" was a running sum.)
         own_rows: OwnGrads = []
-        if chain:
-            rep, own_rows = _task_pass(terms, z, own)  # [T, *z.shape]
-        layerwise = None
         # A MatrixAggregator reads the flat [T, D] matrix itself, so no engine may skip forming it.
         entries = isinstance(self.aggregator, MatrixAggregator)
+        split = entries and self.aggregator.independent_batches > 1
+        if chain and not split:
+            rep, own_rows = _task_pass(terms, z, own)  # [T, *z.shape]
+        layerwise = None
+        batches = None
         if self.source == "representation":
             rows, grads = None, rep.flatten(1)
         else:
@@ -282,18 +284,23 @@ class Method:
                     and len(tasks) <= _PAIRWISE_MAX_TASKS and not entries):
                 # None where the encoder has a parametrised op it cannot handle: then the plain VJPs.
                 layerwise = LayerwiseGramian.build(z, params, rep, release=True)
-            if layerwise is None:
-                if chain:
-                    rows = _vjp_rows(z, params, rep, release=self.source == "shared")
-                else:
-                    rows, own_rows = _direct_rows(terms, params, own)
-            grads = None
-            if layerwise is None and (step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS or entries):
-                grads = _flatten_rows(rows, params)
+            if split:
                 rows = None
-            if step.ranks.size > 1:
-                # Parameters are shared by all ranks: the global task gradients are the rank mean.
-                step.ranks.mean_(grads)
+                grads, batches, own_rows = _split_batch_rows(step, terms, params, own,
+                                                             self.aggregator.independent_batches, self.name)
+            else:
+                if layerwise is None:
+                    if chain:
+                        rows = _vjp_rows(z, params, rep, release=self.source == "shared")
+                    else:
+                        rows, own_rows = _direct_rows(terms, params, own)
+                grads = None
+                if layerwise is None and (step.ranks.size > 1 or len(tasks) > _PAIRWISE_MAX_TASKS or entries):
+                    grads = _flatten_rows(rows, params)
+                    rows = None
+                if step.ranks.size > 1:
+                    # Parameters are shared by all ranks: the global task gradients are the rank mean.
+                    step.ranks.mean_(grads)
         if layerwise is not None:
             gramian = layerwise.gramian
         else:
@@ -307,7 +314,7 @@ class Method:
         combined = None
         if loss_scale is None or bool(torch.isfinite(gramian).all()):
             if entries:
-                combined = self._combine(tasks, terms, grads, params, loss_scale)
+                combined = self._combine(tasks, terms, grads, params, loss_scale, batches)
                 alpha = combined.weights.to(gramian)
             else:
                 alpha = self.aggregator.weights(gramian).to(gramian.device)
@@ -346,12 +353,13 @@ class Method:
 
 
     def _combine(self, tasks: list[str], terms: Mapping[str, Tensor], grads: Tensor, params: list[Tensor],
-                 loss_scale: Tensor | float | None) -> Combined:
+                 loss_scale: Tensor | float | None, batches: Tensor | None) -> Combined:
         """Serve a :class:`MatrixAggregator` its unscaled matrix, the terms' values and the blocks."""
         values = torch.stack([terms[t].detach() for t in tasks]).to(grads.dtype)
         if loss_scale is not None:
             grads, values = grads / loss_scale, values / loss_scale
-        matrix = GradientMatrix(grads, tasks, values, [p.numel() for p in params])
+            batches = None if batches is None else batches / loss_scale
+        matrix = GradientMatrix(grads, tasks, values, [p.numel() for p in params], batches)
         return self.aggregator.combine(matrix)
 
 
@@ -421,6 +429,46 @@ def _accumulate_own(own: list[Tensor], own_rows: OwnGrads, alpha: Sequence[float
 # parameter), which reads each gradient once and skips copying them into a [T, D] matrix; beyond
 # it the number of small products grows faster than one flat matmul costs.
 _PAIRWISE_MAX_TASKS = 6
+
+
+def _split_batch_rows(step: StepInputs, terms: Mapping[str, Tensor], params: list[Tensor], own: list[Tensor],
+                      parts: int, name: str) -> tuple[Tensor, Tensor, OwnGrads]:
+    """The whole batch's ``[T, D]`` task gradients, the same on ``parts`` disjoint parts of the batch
+    ``[P, T, D]`` (see ``MatrixAggregator.independent_batches``), both global, and each task's
+    gradients w.r.t. ``own``.
+
+    Every term reaches the parameters through the per-sample losses, so a part's gradient is the
+    vector-Jacobian product of those losses with ``d term / d l_i`` kept on the part's samples. The
+    raw part gradients sum to the whole batch's; each is then rescaled to its part's mean
+    (labelled samples of the task in the part, counted over all ranks; 0 for a part without one).
+    """
+    if step.sample_ids is None or set(step.sample_losses) != set(terms):
+        raise HParamError(f"'{name}' splits each batch into independent parts; it needs per-sample losses and sample "
+                          f"ids, which amtl's Trainer gives (not the backward() of a loop of your own)")
+    tasks = list(terms)
+    outputs = [step.sample_losses[t] for t in tasks]
+    part = (step.sample_ids.to(outputs[0].device) + step.step) % parts
+    masks = [part == k for k in range(parts)]
+    ref = params[0]
+    raw = torch.zeros(parts, len(tasks), sum(p.numel() for p in params), dtype=ref.dtype, device=ref.device)
+    own_rows: OwnGrads = []
+    for t, term in enumerate(terms.values()):
+        out = torch.autograd.grad(term, outputs + own, retain_graph=True, allow_unused=True)
+        # The per-sample losses this term depends on (its own task's, for every weighting here).
+        used = [(o, g) for o, g in zip(outputs, out[:len(tasks)]) if g is not None]
+        own_rows.append(list(out[len(tasks):]))
+        for k, mask in enumerate(masks):
+            if not used:
+                continue
+            grads = torch.autograd.grad([o for o, _ in used], params, grad_outputs=[g * mask for _, g in used],
+                                        retain_graph=True, allow_unused=True)
+            _flatten_into(raw[k, t], grads, params)
+    counts = torch.stack([torch.stack([(step.valid[t] & mask).sum() for t in tasks]) for mask in masks])
+    counts = step.ranks.sum_(counts.to(raw.dtype))  # [P, T] labelled samples per part, all ranks
+    step.ranks.mean_(raw)
+    whole = raw.sum(0)
+    scale = torch.where(counts > 0, counts.sum(0) / counts.clamp(min=1), torch.zeros_like(counts))
+    return whole, raw * scale[:, :, None], own_rows
 
 
 def _vjp_rows(z: Tensor, params: list[Tensor], rep: Tensor, release: bool) -> Rows:

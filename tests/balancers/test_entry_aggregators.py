@@ -8,12 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amtl.balancers import HParamError, gramian_of, make
+from amtl.balancers import HParamError, StepInputs, gramian_of, make
 from amtl.balancers.base import GradientMatrix
+from amtl.balancers.method import _AGGREGATORS
 from tests.balancers.test_aggregators import (ENTRIES, TASKS, Tiny, TwoIdenticalRanks, _data, _per_task, conflicting,
                                               plain, scaled)
 
 DT = torch.float64
+#: Entry methods that read gradients from independent parts of the batch (MoDo, SDMGrad).
+SPLIT = [n for n in ENTRIES if _AGGREGATORS[n].independent_batches > 1]
 
 
 def agg(name: str, **hp):
@@ -184,7 +187,7 @@ def test_graddrop_draws_follow_the_seed_and_resume():
 
 # -- the engine ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_rep, ranks", [(True, False), (False, False), (True, True)])
-@pytest.mark.parametrize("name", ENTRIES)
+@pytest.mark.parametrize("name", [n for n in ENTRIES if n not in SPLIT])
 def test_engine_serves_the_autograd_matrix(name, with_rep, ranks):
     model = Tiny()
     step, losses = model.step(*_data())
@@ -230,3 +233,123 @@ def test_engine_unscales_the_matrix_and_the_values_under_loss_scaling(name):
         weights.append(list(m._last_alpha.values()))
     assert weights[1] == pytest.approx(weights[0], rel=1e-5)
     torch.testing.assert_close(grads[1] / 2.0 ** 10, grads[0], rtol=1e-5, atol=1e-7)
+
+
+# -- MoDo and SDMGrad: independent parts of the batch ------------------------------------------
+def project_simplex_libmtl(v):
+    """LibMTL's ``SDMGrad.euclidean_proj_simplex`` (Duchi et al.), as a test oracle."""
+    import numpy as np
+    u = np.sort(v)[::-1]
+    cssv = np.cumsum(u)
+    rho = np.nonzero(u * np.arange(1, len(v) + 1) > (cssv - 1))[0][-1]
+    return (v - float(cssv[rho] - 1) / (rho + 1)).clip(min=0)
+
+
+def split_steps(n: int, seed: int = 0):
+    return [(g, torch.rand(3, dtype=DT)) for g, _ in steps(3, 12, 3 * n, seed)]
+
+
+@pytest.mark.parametrize("hp", [{}, {"lambda_step": 0.05, "rho": 0.0}])
+def test_modo_follows_libmtl(hp):
+    seq = split_steps(4, seed=6)
+    a = agg("modo", **hp)
+    gamma, rho = hp.get("lambda_step", 1e-3), hp.get("rho", 0.1)
+    lam = torch.ones(3, dtype=DT) / 3
+    for k in range(4):
+        parts = torch.stack([seq[3 * k + i][0] for i in range(3)])
+        got = a.combine(GradientMatrix(parts.sum(0), ["a", "b", "c"], torch.ones(3, dtype=DT), [12], parts))
+        lam = torch.from_numpy(project_simplex_libmtl((lam - gamma * (parts[0] @ (parts[1].T @ lam) + rho * lam)).numpy()))
+        torch.testing.assert_close(got.weights, lam)
+        torch.testing.assert_close(got.update, lam @ parts[2])
+
+
+@pytest.mark.parametrize("hp", [{}, {"pull": 1.0, "inner_lr": 10.0, "optim_niter": 5}])
+def test_sdmgrad_follows_libmtl(hp):
+    seq = split_steps(4, seed=7)
+    a = agg("sdmgrad", **hp)
+    pull, lr, niter = hp.get("pull", 0.3), hp.get("inner_lr", 5.0), hp.get("optim_niter", 20)
+    w = torch.ones(3, dtype=DT) / 3
+    for k in range(4):
+        zeta, xi1, xi2 = (seq[3 * k + i][0] for i in range(3))
+        got = a.combine(GradientMatrix(zeta + xi1 + xi2, ["a", "b", "c"], torch.ones(3, dtype=DT), [12],
+                                       torch.stack([zeta, xi1, xi2])))
+        gg = xi1 @ xi2.T
+        scale = torch.sqrt(torch.diag(gg).clamp(min=0)).mean()
+        gg = gg / (scale ** 2 + 1e-8)
+        gg_mean = gg.mean(dim=1)
+        w = w.clone().requires_grad_(True)
+        optimizer = torch.optim.SGD([w], lr=lr, momentum=0.5)
+        for _ in range(niter):
+            optimizer.zero_grad()
+            w.grad = gg @ w.detach() + pull * gg_mean
+            optimizer.step()
+            w.data.copy_(torch.from_numpy(project_simplex_libmtl(w.data.numpy())))
+        w = w.detach()
+        update = ((zeta * w[:, None]).sum(0) + pull * zeta.mean(0)) / (1 + pull)
+        torch.testing.assert_close(got.update, update)
+        torch.testing.assert_close(got.weights @ zeta, update)
+
+
+class SplitTiny(Tiny):
+    """Tiny with per-sample losses, sample ids and a task missing labels on some samples."""
+
+    def step(self, x, y, ids):
+        inputs, _ = super().step(x, y)
+        z = inputs.representation
+        per_sample, valid = {}, {}
+        for i, (t, h) in enumerate(self.heads.items()):
+            ok = torch.ones(x.shape[0], dtype=torch.bool)
+            if t == "b":
+                ok[::3] = False  # task b is unlabelled on a third of the samples
+            loss = ((h(z) - y[:, 2 * i:2 * i + 2]) ** 2).mean(1) * (i + 1)
+            per_sample[t], valid[t] = torch.where(ok, loss, 0.0), ok
+        losses = {t: per_sample[t].sum() / valid[t].sum() for t in per_sample}
+        inputs.losses, inputs.sample_losses, inputs.valid, inputs.sample_ids = losses, per_sample, valid, ids
+        return inputs, losses
+
+
+class TwoIdenticalSummingRanks(TwoIdenticalRanks):
+    def sum_(self, tensor):
+        return tensor.mul_(2)
+
+
+@pytest.mark.parametrize("ranks", [False, True])
+@pytest.mark.parametrize("name", SPLIT)
+def test_engine_serves_gradients_of_three_disjoint_parts(name, ranks):
+    """Part k of step s holds the samples with (id + s) mod 3 = k; its gradient is that of the mean
+    loss over the part's labelled samples, however the terms are weighted."""
+    # float64: SDMGrad's 20 projected steps at lr 5 amplify float32 summation-order rounding to 1e-4.
+    model = SplitTiny().double()
+    x, y = (v.double() for v in _data())
+    ids = torch.tensor([10, 4, 7, 3, 8, 0, 5])
+    step, losses = model.step(x, y, ids)
+    step.step = 5
+    if ranks:
+        step.ranks = TwoIdenticalSummingRanks()
+    part = (ids + 5) % 3
+    parts = []
+    for k in range(3):
+        rows = []
+        for t in TASKS:
+            keep = (part == k) & step.valid[t]
+            mean = step.sample_losses[t][keep].sum() / keep.sum()
+            grads = torch.autograd.grad(mean, step.shared_params, retain_graph=True)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        parts.append(torch.stack(rows))
+    parts = torch.stack(parts)
+    whole = _per_task(losses, step.shared_params)
+    ref = make(name, TASKS).aggregator.combine(GradientMatrix(whole, list(TASKS), torch.ones(3, dtype=DT), [1], parts))
+    m = make(name, TASKS)
+    report = m.backward(step)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in step.shared_params]), ref.update)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in step.task_params]),
+                               _per_task(losses, step.task_params).sum(0))
+    assert report.weights == pytest.approx(dict(zip(TASKS, ref.weights.tolist())), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", SPLIT)
+def test_split_methods_need_the_trainers_per_sample_losses(name):
+    model = Tiny()
+    step, _ = model.step(*_data())
+    with pytest.raises(HParamError, match="per-sample losses and sample ids"):
+        make(name, TASKS).backward(step)

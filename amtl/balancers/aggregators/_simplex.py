@@ -116,3 +116,11 @@ def fair_weights(k: np.ndarray, power: float = 1.0, start: np.ndarray | None = N
             break
         b = b + lr * step
     return b / scale
+
+
+def project_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto the probability simplex ``{w >= 0, sum w = 1}`` (sort-based)."""
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u)
+    last = np.nonzero(u * np.arange(1, len(v) + 1) > cumulative - 1.0)[0][-1]
+    return np.maximum(v - (cumulative[last] - 1.0) / (last + 1), 0.0)
