@@ -351,7 +351,6 @@ class Method:
             torch.autograd.backward(weighted, inputs=step.shared_params)
         return report
 
-
     def _combine(self, tasks: list[str], terms: Mapping[str, Tensor], grads: Tensor, params: list[Tensor],
                  loss_scale: Tensor | float | None, batches: Tensor | None) -> Combined:
         """Serve a :class:`MatrixAggregator` its unscaled matrix, the terms' values and the blocks."""
