@@ -79,6 +79,16 @@ def test_moco_follows_libmtl(hp):
         torch.testing.assert_close(got.update, y.T @ lam)
 
 
+@pytest.mark.parametrize("name", ["db-mtl", "moco"])
+def test_a_negative_term_is_rescaled_never_turned_around(name):
+    """Weightings may give terms <= 0 (UW's exp(-s) L + s); the loss-value scaling uses |v|, so the
+    update still descends every task here (orthogonal gradients: no trade-off to make)."""
+    g = torch.eye(3, 6, dtype=DT) * torch.tensor([[1.0], [2.0], [3.0]], dtype=DT)
+    values = torch.tensor([0.5, -0.7, -2.0], dtype=DT)
+    out = agg(name).combine(GradientMatrix(g, ["a", "b", "c"], values, [6]))
+    assert (g @ out.update > 0).all()
+
+
 # -- ExcessMTL ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("eta", [1e-2, 0.5])
 def test_excess_mtl_follows_libmtl_and_torchjd(eta):

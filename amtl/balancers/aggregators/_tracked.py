@@ -10,6 +10,10 @@
   ``lambda <- softmax(lambda - gamma_k (Y Y^T + rho I) lambda)`` (``gamma`` is ``lambda_step``); the
   update is ``lambda @ Y``.
 
+Both read the terms' values as the losses their references read. A weighting's term may be zero or
+negative (UW's ``exp(-s) L + s``, STCH's warm-up log-losses); its magnitude ``|v|`` is used then, so
+a term's gradient is rescaled but never turned around into an ascent direction.
+
 Both hold one ``[D]`` buffer per task (a model's worth of memory each), kept per task name so a
 task absent from a step keeps its buffer. The step counter ``k`` counts this aggregator's calls.
 """
@@ -61,7 +65,7 @@ class DBMTL(_Tracking):
 
     def combine(self, matrix: GradientMatrix) -> Combined:
         self.steps += 1
-        inverse = 1.0 / (matrix.values + EPS)
+        inverse = 1.0 / (matrix.values.abs() + EPS)
         log_grads = matrix.grads * inverse[:, None]
         keep = self.beta / self.steps ** self.beta_sigma
         smoothed = torch.stack([g + keep * (self._buffer(t, g) - g) for t, g in zip(matrix.tasks, log_grads)])
@@ -98,7 +102,7 @@ class MoCo(_Tracking):
     def combine(self, matrix: GradientMatrix) -> Combined:
         self.steps += 1
         grads, t = matrix.grads, len(matrix.tasks)
-        scaled = grads / (grads.norm(dim=1, keepdim=True) + EPS) * matrix.values[:, None]
+        scaled = grads / (grads.norm(dim=1, keepdim=True) + EPS) * matrix.values.abs()[:, None]
         step = self.beta / self.steps ** self.beta_sigma
         tracked = torch.stack([y - step * (y - g) for y, g in
                                zip((self._buffer(n, grads[0]) for n in matrix.tasks), scaled)])
