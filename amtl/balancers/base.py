@@ -191,10 +191,7 @@ class Aggregator(_Configurable):
 
     def aggregate(self, grads: Tensor) -> Tensor:
         """The update ``alpha @ G`` ``[D]`` for the gradient matrix ``G`` ``[T, D]``."""
-        if grads.ndim != 2 or grads.shape[0] == 0:
-            raise ValueError(f"expected a [T, D] gradient matrix with T >= 1, got shape {tuple(grads.shape)}")
-        if not torch.isfinite(grads).all():
-            raise ValueError("gradient matrix contains inf or nan")
+        _check_matrix(grads)
         # The weights come from a float64 Gramian; combine in the gradients' own dtype.
         return self.weights(gramian_of(grads)).to(grads.dtype) @ grads
 
@@ -209,7 +206,9 @@ class GradientMatrix:
     consecutive parameter tensors that make up ``D`` (per-layer methods). ``batches`` ``[P, T, D]``,
     for aggregators that declare ``independent_batches = P``: each task's gradient on each of P
     disjoint parts of the batch (the mean over the part's labelled samples); ``grads`` is then the
-    whole batch's. None elsewhere (and from :meth:`MatrixAggregator.aggregate`).
+    whole batch's. None elsewhere (and from :meth:`MatrixAggregator.aggregate`). ``gramian``: the
+    float64 ``grads @ grads.T`` the engine already formed (None from ``aggregate``), so a method
+    that needs it does not multiply the matrix again.
     """
 
     grads: Tensor
@@ -217,6 +216,7 @@ class GradientMatrix:
     values: Tensor
     blocks: list[int]
     batches: Tensor | None = None
+    gramian: Tensor | None = None
 
 
 @dataclass
@@ -255,13 +255,17 @@ class MatrixAggregator(Aggregator):
 
     def aggregate(self, grads: Tensor) -> Tensor:
         """``combine`` on ``grads`` as one parameter block, with unit term values."""
-        if grads.ndim != 2 or grads.shape[0] == 0:
-            raise ValueError(f"expected a [T, D] gradient matrix with T >= 1, got shape {tuple(grads.shape)}")
-        if not torch.isfinite(grads).all():
-            raise ValueError("gradient matrix contains inf or nan")
+        _check_matrix(grads)
         tasks = [f"task{i}" for i in range(grads.shape[0])]
         ones = torch.ones(grads.shape[0], dtype=grads.dtype, device=grads.device)
         return self.combine(GradientMatrix(grads, tasks, ones, [grads.shape[1]])).update
+
+
+def _check_matrix(grads: Tensor) -> None:
+    if grads.ndim != 2 or grads.shape[0] == 0:
+        raise ValueError(f"expected a [T, D] gradient matrix with T >= 1, got shape {tuple(grads.shape)}")
+    if not torch.isfinite(grads).all():
+        raise ValueError("gradient matrix contains inf or nan")
 
 
 def heads_hparam(default: str) -> HParam:
