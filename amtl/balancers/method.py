@@ -314,7 +314,7 @@ class Method:
         combined = None
         if loss_scale is None or bool(torch.isfinite(gramian).all()):
             if entries:
-                combined = self._combine(tasks, terms, grads, params, loss_scale, batches)
+                combined = self._combine(tasks, terms, grads, params, loss_scale, batches, gramian)
                 alpha = combined.weights.to(gramian)
             else:
                 alpha = self.aggregator.weights(gramian).to(gramian.device)
@@ -352,13 +352,13 @@ class Method:
         return report
 
     def _combine(self, tasks: list[str], terms: Mapping[str, Tensor], grads: Tensor, params: list[Tensor],
-                 loss_scale: Tensor | float | None, batches: Tensor | None) -> Combined:
+                 loss_scale: Tensor | float | None, batches: Tensor | None, gramian: Tensor) -> Combined:
         """Serve a :class:`MatrixAggregator` its unscaled matrix, the terms' values and the blocks."""
         values = torch.stack([terms[t].detach() for t in tasks]).to(grads.dtype)
         if loss_scale is not None:
             grads, values = grads / loss_scale, values / loss_scale
             batches = None if batches is None else batches / loss_scale
-        matrix = GradientMatrix(grads, tasks, values, [p.numel() for p in params], batches)
+        matrix = GradientMatrix(grads, tasks, values, [p.numel() for p in params], batches, gramian)
         return self.aggregator.combine(matrix)
 
 

@@ -50,7 +50,10 @@ class GradVac(MatrixAggregator):
         t = len(tasks)
         sizes = [grads.shape[1]] if self.group == "whole" else matrix.blocks
         blocks = torch.split(grads, sizes, dim=1)
-        gramians = torch.stack([(b @ b.T).double() for b in blocks]).cpu().numpy()  # one host copy
+        if len(blocks) == 1 and matrix.gramian is not None:
+            gramians = matrix.gramian[None].detach().cpu().numpy()  # the engine's: no second [T, D] product
+        else:
+            gramians = torch.stack([(b @ b.T).double() for b in blocks]).cpu().numpy()  # one host copy
         orders = [[j for j in torch.randperm(t, generator=self.generator).tolist() if j != i] for i in range(t)]
         coefs = np.stack([self._coefficients(k, tasks, orders, g) for g, k in enumerate(gramians)])  # [K, T]
         update = torch.cat([torch.from_numpy(c).to(b) @ b for c, b in zip(coefs, blocks)])
