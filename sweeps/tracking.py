@@ -13,11 +13,15 @@ wandb-core, not the SDK, holds what is lost: ``log`` hands the record to its soc
 returning, but wandb-core writes an offline log in whole 32 KiB blocks (a partial block only every
 ~15 s and when the run's stream closes), and the service wandb starts by itself exits together with
 the process that started it, dropping that buffer. Trials therefore use a wandb-core of their own
-process started *detached* (own session, so also out of reach of a process-group kill): once its
-client is gone it idles ``SERVICE_IDLE_TIMEOUT_S`` seconds, then closes the stream, which writes
-history, summary (latest values) and exit record. A short-lived launcher process starts it and
-exits, so it is not a child of the trial either: Ray kills the child processes of a worker it ends.
-If that service cannot be started, wandb's own is used, as before.
+process started *detached* (own session, so also out of reach of a process-group kill). A detached
+watcher beside it sees the trial's process end and sends the core the teardown wandb sends at a
+normal exit: the core closes every run's stream, which writes history, summary (latest values) and
+exit record, then exits. The core's own idle shutdown is not trusted with that: under CPU load
+wandb-core 0.31's idle shutdown was seen to exit before closing the stream (6 of 50 killed trials
+with three busy loops on two cores), leaving a header-only log; it stays as the backstop, after
+``SERVICE_IDLE_TIMEOUT_S``. A short-lived launcher process starts both and exits, so neither is a
+child of the trial: Ray kills the child processes of a worker it ends. If the core cannot be
+started, wandb's own service is used, as before.
 """
 from __future__ import annotations
 
@@ -53,19 +57,60 @@ _SECRET_WORDS = ("api_key", "apikey", "token", "password", "secret")
 # Budget of the pre-flight request; with the offline start after it, fallback stays under 5 s.
 _PROBE_TIMEOUT_S = 2.0
 
-# Seconds a trial's detached wandb-core waits after its last client went (a killed worker) before
-# it closes the open runs. It also counts from the service's start, so it must cover the connect.
-SERVICE_IDLE_TIMEOUT_S = 3
+# Seconds a trial's detached wandb-core waits after its last client went before it shuts down by
+# itself: the backstop should the watcher fail, long enough that the watcher's teardown comes first.
+# Without /proc there is no watcher, and the idle shutdown is all there is.
+SERVICE_IDLE_TIMEOUT_S = 60 if Path("/proc/self/stat").exists() else 3
 _SERVICE_ENV = "WANDB_SERVICE"  # wandb.env.SERVICE: the service a new wandb connection uses
 # Interpreter start and ``import wandb`` (~0.4 s) plus wandb's own wait for the core (30 s by default).
 _LAUNCH_TIMEOUT_S = 60.0
-# Run by the launcher: start a detached wandb-core, print its pid and WANDB_SERVICE token, exit.
-# (wandb's handle shows the pid only on its Popen; any error makes the launcher fail, hence the fallback.)
+# Run by the launcher (argv: idle timeout, the watcher's code, the trial's pid): start a detached
+# wandb-core and, where /proc exists, its detached watcher; print the core's pid and WANDB_SERVICE
+# token; exit. (wandb's handle shows the pid only on its Popen; any error makes the launcher fail,
+# hence the fallback.)
 _LAUNCHER = """
-import sys, wandb
+import os, subprocess, sys, wandb
 from wandb.sdk.lib.service import service_process
 core = service_process.start_detached(wandb.Settings(), idle_timeout=sys.argv[1])
+if os.path.exists("/proc/self/stat"):
+    subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[3], str(core._process.pid), core.token.env_value],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
 print(core._process.pid, core.token.env_value, flush=True)
+"""
+# Run detached (argv: the trial's pid, its core's pid, the core's WANDB_SERVICE token): wait until the
+# trial's process is gone, then send its core wandb's teardown (finish every run, then exit). It
+# imports wandb only then, so a waiting watcher costs a bare interpreter. A process is known by its
+# start time in /proc/<pid>/stat, so a reused pid does not keep the watcher waiting.
+_WATCHER = """
+import os, sys, time
+trial, core, token = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+trial_started, core_started = start_time(trial), start_time(core)
+while trial_started is not None and start_time(trial) == trial_started:
+    if start_time(core) != core_started:
+        sys.exit()
+    time.sleep(0.1)
+if core_started is None or start_time(core) != core_started:
+    sys.exit()
+os.environ["WANDB_SERVICE"] = token
+from wandb.proto import wandb_server_pb2 as spb
+from wandb.sdk.lib import asyncio_manager
+from wandb.sdk.lib.service import service_token
+asyncer = asyncio_manager.AsyncioManager()
+asyncer.start()
+client = service_token.from_env().connect(asyncer=asyncer)
+async def teardown():
+    await client.publish(spb.ServerRequest(inform_teardown=spb.ServerInformTeardownRequest(exit_code=1)))
+    await client.close()
+asyncer.run(teardown)
+asyncer.join()
 """
 _HAVE_PROC = Path("/proc/self/cmdline").exists()
 
@@ -149,13 +194,14 @@ def _service_alive() -> bool:
 
 
 def _launch_service() -> tuple[int, str]:
-    """Start a detached wandb-core through a launcher process; return its pid and WANDB_SERVICE token.
+    """Start a detached wandb-core and its watcher through a launcher process; return the core's pid
+    and WANDB_SERVICE token.
 
-    The launcher exits once the core listens, so the core's parent becomes init (or a subreaper):
-    whoever kills this process's children (Ray, ending a worker) does not reach it.
+    The launcher exits once the core listens, so the parent of both becomes init (or a subreaper):
+    whoever kills this process's children (Ray, ending a worker) does not reach them.
     """
-    done = subprocess.run([sys.executable, "-c", _LAUNCHER, f"{SERVICE_IDLE_TIMEOUT_S}s"], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=_LAUNCH_TIMEOUT_S)
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, f"{SERVICE_IDLE_TIMEOUT_S}s", _WATCHER, str(os.getpid())],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_LAUNCH_TIMEOUT_S)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         error = done.stderr.strip().splitlines()
