@@ -38,7 +38,8 @@ def main() -> None:
     from amtl.trainer import TrainConfig, Trainer
     from sweeps.cli import connect
     from sweeps.runner import DRIVER_RESOURCES
-    from sweeps.trial import TRIAL_KEY, TrialSpec, run_trial, train_loop_per_worker
+    from sweeps.train_worker import train_loop_per_worker
+    from sweeps.trial import TRIAL_KEY, TrialSpec, run_trial
 
     train = dict(tasks=["segmentation", "depth", "normal"], image_size=args.image_size, n_train=args.n_train,
                  n_val=128, n_test=128, epochs=args.epochs, batch_size=32, threads=1, log_every=1000)

@@ -40,6 +40,7 @@ import ray  # noqa: F401  Ray bundles psutil (ray/thirdparty_files) and puts it 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the repository, also when not installed
 from sweeps import processes  # noqa: E402
+from sweeps.trial import FINAL_KEY  # noqa: E402
 
 #: A small sweep: 2 single-task potentials, 3 search trials over two methods (2 at once, so the third
 #: runs alone after two finished; a joint search, so 3 in all), the best of each method x 1 seed.
@@ -104,8 +105,6 @@ def results(sweep_dir: Path, phase: str) -> dict[str, list[dict]]:
 
 
 PHASES = ("potentials", "search", "seeds")
-#: Key of a trial's last report (``sweeps.trial.FINAL_KEY``; not imported: that module imports torch).
-FINAL = "final"
 
 
 def finished(sweep_dir: Path, phase: str) -> set[str]:
@@ -125,7 +124,7 @@ def finished(sweep_dir: Path, phase: str) -> set[str]:
             state, last = json.loads(state), json.loads(metadata).get("last_result") or {}
             # TERMINATED without the trial's final report: stopped, not finished (a clean stop's end);
             # ERROR: lost after its retries, which a resume continues.
-            if state["status"] == "TERMINATED" and last.get(FINAL):
+            if state["status"] == "TERMINATED" and last.get(FINAL_KEY):
                 done.add(state["trial_id"])
         return done
     except (OSError, ValueError, KeyError, TypeError):

@@ -5,6 +5,9 @@ pattern is a Tune *function* trainable that launches a ``TorchTrainer`` per tria
 rank-0 reports to Tune with ``TuneReportCallback``. Naming the Train run after the trial id makes a
 restored trial resume its Train run from the last epoch checkpoint.
 
+Kept free of torch and the training stack (:mod:`sweeps.train_worker` holds the per-worker loop):
+every trial starts a fresh Tune actor that imports this module.
+
 Everything a trial needs travels in its config under ``TRIAL_KEY``: a complete :class:`TrialSpec`
 that its phase built (the search phase through :class:`sweeps.optuna_search.SpecSearcher`), so the
 trial only reads it, and this module holds no training math: it turns a spec into a ``Trainer`` call
@@ -14,16 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from amtl import plugins
-from amtl.trainer import CHECKPOINT, NonFiniteLossError, TrainConfig, Trainer
-from sweeps.tracking import flatten_record
 
 #: Key of the Tune config entry that carries a trial's :class:`TrialSpec` (as a plain dict).
 TRIAL_KEY = "trial"
@@ -77,97 +74,6 @@ class TrialSpec:
         return dataclasses.replace(self, train={**self.train, **changes})
 
 
-class _RayReporter:
-    """Reports each epoch to Ray Train with a checkpoint (all ranks report; rank 0 attaches it)."""
-
-    def __init__(self, logger: Any | None) -> None:
-        self.logger = logger
-        self.train_seconds = 0.0
-
-    def on_epoch(self, record: dict[str, Any], trainer: Trainer) -> None:
-        import ray.train
-
-        self.train_seconds += record["train_seconds"]
-        metrics: dict[str, Any] = flatten_record(record)
-        metrics["train_seconds_total"] = self.train_seconds
-        metrics["node_id"] = _node_id()  # the final report adds the IP and every worker's node
-        if self.logger is not None:
-            self.logger.log_epoch(record)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if trainer.rank == 0:
-                trainer.save_checkpoint(Path(tmp) / CHECKPOINT)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _node_id() -> str:
-    import ray
-    return ray.get_runtime_context().get_node_id()
-
-
-def _placement() -> dict[str, str]:
-    """Where this trial ran: rank 0's node and IP, and every worker's node in rank order.
-
-    A collective, so every rank calls it; with one worker there is nothing to gather.
-    """
-    import ray
-    from torch import distributed as dist
-
-    from amtl.distributed import is_distributed
-
-    node = _node_id()
-    nodes = [node]
-    if is_distributed():
-        nodes = [None] * dist.get_world_size()
-        dist.all_gather_object(nodes, node)
-    return {"node_id": nodes[0], "node_ip": ray.util.get_node_ip_address(), "worker_node_ids": ",".join(nodes)}
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs inside every Ray Train worker (torch.distributed is already initialised for N > 1)."""
-    import ray.train
-
-    spec = TrialSpec(**loop_config)
-    config = TrainConfig.from_dict(spec.train)
-    torch.set_num_threads(config.threads or 1)
-    rank = ray.train.get_context().get_world_rank()
-    logger = _make_logger(spec.wandb) if rank == 0 else None
-    reporter = _RayReporter(logger)
-    trainer = Trainer(config, None, callbacks=[reporter], progress=None)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.load_checkpoint(Path(directory) / CHECKPOINT)
-        reporter.train_seconds = sum(r["train_seconds"] for r in trainer.history)
-    baselines = spec.baselines or {}
-    try:
-        result = trainer.fit(resume=False, baselines=baselines.get("val"), test_baselines=baselines.get("test"))
-    except NonFiniteLossError as err:
-        # Deterministic: a retry from the last checkpoint would diverge again, so end the trial now
-        # (an exception would be retried max_failures times by Ray Train: Ray 2.60 has no
-        # per-exception "do not retry"). Every rank sees the same global loss, so all ranks get here.
-        _report_failed(trainer, config, f"non-finite loss: {err}", logger, reporter.train_seconds)
-        return
-    # "final", not "done": Tune adds its own "done" key to every result.
-    final: dict[str, Any] = {FINAL_KEY: True, "epoch": trainer.epoch, "step": trainer.step,
-                             "train_seconds_total": reporter.train_seconds, **_placement()}
-    for split in ("val", "test"):
-        for key, value in result[split].items():
-            final[f"{split}/{key}"] = value
-    for key in ("val_delta_m", "test_delta_m"):
-        if key in result:
-            final[key] = result[key]
-    for task, value in trainer.kpis(result["val"]).items():
-        final[f"kpi/{task}"] = value
-    for task, value in result["weights"].items():
-        final[f"weight/{task}"] = value
-    if logger is not None:
-        logger.set_summary({k: v for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-        logger.finish()
-    ray.train.report(final)
-
-
 def failed_report(reason: str, tasks: Sequence[str]) -> dict[str, Any]:
     """A trial's last report when it cannot succeed: the reason, and NaN objectives.
 
@@ -178,24 +84,11 @@ def failed_report(reason: str, tasks: Sequence[str]) -> dict[str, Any]:
             **{f"kpi/{task}": math.nan for task in tasks}}
 
 
-def _report_failed(trainer: Trainer, config: TrainConfig, reason: str, logger: Any | None,
-                   train_seconds: float) -> None:
-    """Ray Train's last report of a trial that cannot succeed (see :func:`failed_report`)."""
-    import ray.train
-
-    final = {**failed_report(reason, config.tasks), "epoch": trainer.epoch, "step": trainer.step,
-             "node_id": _node_id(), "train_seconds_total": train_seconds}
-    if logger is not None:
-        logger.set_summary({FAILED_KEY: reason})
-        logger.finish()
-    ray.train.report(final)
-
-
-def _make_logger(wandb_options: Mapping[str, Any] | None) -> Any | None:
-    if not wandb_options:
-        return None
-    from sweeps.tracking import TrialLogger
-    return TrialLogger(**wandb_options)
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry. It imports the training stack only in the worker, so the Tune
+    actor that launches a trial never pays for torchvision and torchmetrics."""
+    from sweeps.train_worker import train_loop_per_worker
+    train_loop_per_worker(loop_config)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -217,7 +110,7 @@ def run_trial(config: dict[str, Any]) -> None:
                        **{k: train[k] for k in ("lr", "weight_decay", "batch_size", "seed") if k in train}}})
     gpus = spec.gpus_per_worker
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_loop,
         train_loop_config=spec.to_dict(),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=gpus > 0,
