@@ -1,11 +1,14 @@
 """Sweep overheads, measured side by side in one run on a local Ray cluster.
 
-    python bench/sweep.py [--epochs 2] [--n-train 512] [--trials 4]
+    python bench/sweep.py [--epochs 2] [--n-train 512] [--rounds 3] [--trials 4]
 
 Prints:
-- the same training run three ways: the plain trainer in this process, one Ray Train
-  ``TorchTrainer`` (1 worker), and one Tune trial launching that TorchTrainer; the differences are
-  the fixed per-trial overheads of Ray Train and of Tune;
+- the same training run four ways: the plain trainer in this process; one Ray Train
+  ``TorchTrainer`` (1 worker); one Tune trial launching that TorchTrainer (what a sweep runs); and a
+  bare Tune function trial running ``Trainer.fit`` in its own actor, reporting every epoch with a
+  checkpoint (what a Tune-only path for single-worker trials would cost). The Ray paths run
+  ``--rounds`` times, interleaved, each round in a new order, and the table shows medians; the
+  differences to the plain trainer's training seconds are the fixed per-trial overheads;
 - slot utilisation of a sweep of ``--trials`` trials on all CPUs: sum of trial training seconds /
   (wall seconds x slots), and what the measured fixed overhead implies for 5-minute trials.
 """
@@ -13,10 +16,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+import statistics
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def bare_tune_trial(config: dict[str, Any]) -> None:
+    """A Tune function trial that trains in its own actor: epochs reported with a checkpoint each."""
+    import ray.tune
+    import torch
+
+    from amtl.trainer import CHECKPOINT, TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+
+    class Report:
+        def on_epoch(self, record: dict[str, Any], trainer: Trainer) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer.save_checkpoint(os.path.join(tmp, CHECKPOINT))
+                ray.tune.report({"epoch": record["epoch"], "train_seconds": record["train_seconds"]},
+                                checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+    Trainer(TrainConfig(**config["train"]), None, callbacks=[Report()], progress=None).fit()
 
 
 def main() -> None:
@@ -24,6 +49,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--n-train", type=int, default=512)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--trials", type=int, default=4)
     args = p.parse_args()
 
@@ -58,41 +84,58 @@ def main() -> None:
 
     connect(None)
     slots = int(ray.cluster_resources()["CPU"])
-    start = time.perf_counter()
-    TorchTrainer(train_loop_per_worker, train_loop_config=spec.to_dict(), torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                 run_config=RunConfig(name="bench-train", storage_path=f"{storage}/direct")).fit()
-    train_wall = time.perf_counter() - start
 
-    def tune_run(name: str, n: int) -> tuple[float, pd.DataFrame]:
+    def tune_run(name: str, trainable: Any, key: str, values: list[dict[str, Any]]) -> tuple[float, pd.DataFrame]:
         start = time.perf_counter()
-        grid = tune.Tuner(tune.with_resources(run_trial, DRIVER_RESOURCES),
-                          param_space={TRIAL_KEY: tune.grid_search([spec.with_train(seed=s).to_dict() for s in range(n)])},
+        grid = tune.Tuner(tune.with_resources(trainable, DRIVER_RESOURCES), param_space={key: tune.grid_search(values)},
                           tune_config=tune.TuneConfig(max_concurrent_trials=slots),
                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0)).fit()
         wall = time.perf_counter() - start
         return wall, pd.DataFrame([r.metrics for r in grid])
 
-    tune_wall, _ = tune_run("bench-tune", 1)
-    sweep_wall, sweep = tune_run("bench-sweep", args.trials)
+    def ray_train(i: int) -> float:
+        start = time.perf_counter()
+        TorchTrainer(train_loop_per_worker, train_loop_config=spec.to_dict(), torch_config=TorchConfig(backend="gloo"),
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(name=f"bench-train-{i}", storage_path=f"{storage}/direct")).fit()
+        return time.perf_counter() - start
+
+    paths = {
+        "Ray Train TorchTrainer (1 worker)": ray_train,
+        "Tune trial -> TorchTrainer (a sweep's trial)":
+            lambda i: tune_run(f"bench-tune-{i}", run_trial, TRIAL_KEY, [spec.to_dict()])[0],
+        "bare Tune trial, Trainer.fit in its actor":
+            lambda i: tune_run(f"bench-bare-{i}", bare_tune_trial, "train", [train])[0],
+    }
+    walls: dict[str, list[float]] = {label: [] for label in paths}
+    order = list(paths)
+    for i in range(args.rounds):
+        random.Random(i).shuffle(order)
+        for label in order:
+            walls[label].append(paths[label](i))
+    medians = {label: statistics.median(values) for label, values in walls.items()}
+
+    sweep_wall, sweep = tune_run("bench-sweep", run_trial, TRIAL_KEY,
+                                 [spec.with_train(seed=s).to_dict() for s in range(args.trials)])
     busy = float(sweep["train_seconds_total"].sum())
     utilisation = busy / (sweep_wall * slots)
-    fixed = tune_wall - plain_train  # everything a trial costs beyond its training epochs
+    fixed = medians["Tune trial -> TorchTrainer (a sweep's trial)"] - plain_train
     ray.shutdown()
 
-    print(f"Same run ({args.epochs} epochs, {args.n_train} images {args.image_size}px, 1 thread):")
-    print("| path | wall s | vs plain trainer |")
-    print("|---|---|---|")
-    print(f"| plain Trainer.fit in-process | {plain_wall:.1f} | 1.00x |")
-    print(f"| Ray Train TorchTrainer (1 worker) | {train_wall:.1f} | {train_wall / plain_wall:.2f}x |")
-    print(f"| Tune trial -> TorchTrainer | {tune_wall:.1f} | {tune_wall / plain_wall:.2f}x |")
-    print(f"\nfixed per-trial overhead: Ray Train {train_wall - plain_wall:.1f} s, Tune {tune_wall - train_wall:.1f} s")
+    print(f"Same run ({args.epochs} epochs, {args.n_train} images {args.image_size}px, 1 thread; "
+          f"median of {args.rounds} interleaved rounds):")
+    print("| path | wall s | vs plain trainer | fixed cost s (wall - training s) |")
+    print("|---|---|---|---|")
+    print(f"| plain Trainer.fit in-process | {plain_wall:.1f} | 1.00x | {plain_wall - plain_train:.1f} |")
+    for label, wall in medians.items():
+        print(f"| {label} | {wall:.1f} | {wall / plain_wall:.2f}x | {wall - plain_train:.1f} |")
+    print(f"(all rounds: {', '.join(f'{label}: ' + ' '.join(f'{w:.1f}' for w in ws) for label, ws in walls.items())})")
     print(f"sweep of {args.trials} trials on {slots} slots: utilisation {utilisation:.0%} "
           f"(training {busy:.0f} s of {sweep_wall * slots:.0f} slot-seconds)")
     for minutes in (5, 30):
         seconds = 60 * minutes
         print(f"implied for {minutes}-minute trials: utilisation {seconds / (seconds + fixed):.1%}, "
-              f"Ray Train overhead {(train_wall - plain_wall) / seconds:.1%}")
+              f"fixed cost {fixed / seconds:.1%} of a trial")
 
 
 if __name__ == "__main__":
