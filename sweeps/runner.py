@@ -85,6 +85,8 @@ class SweepOptions:
     stall_timeout: float = option(3600.0, help="seconds a phase may go without any trial progress (trials waiting "
                                                "for resources, a stuck trial) before the sweep ends with an error "
                                                "saying what it waited for; longer than one epoch")
+    verbose: bool = option(False, help="print Ray Tune's own status tables (default: one line per trial event, "
+                                       "the tables go to tune.log in the sweep's folder)")
 
     @classmethod
     def of(cls, **values: Any) -> "SweepOptions":
@@ -178,6 +180,8 @@ def _recorded_options(options: SweepOptions) -> dict[str, Any]:
 
 #: The sweep's resolved options, beside its results: ``run_sweep.py --config`` takes the file.
 CONFIG_FILE = "sweep.yaml"
+#: Ray Tune's status tables, beside the results (unless ``--verbose`` prints them).
+TUNE_LOG = "tune.log"
 
 
 def config_yaml(options: SweepOptions) -> str:
@@ -204,6 +208,7 @@ class Sweep:
         self.history: list[dict[str, Any]] = []
         self.signals = StopSignals()
         self._saved_state: bytes | None = None  # what the last save wrote: the next save's backup
+        self._told_table_log = False
 
     # -- state -----------------------------------------------------------------------------
     def load_state(self) -> None:
@@ -247,13 +252,18 @@ class Sweep:
                          train_storage=self.dir.uri_of(phase, "train"), max_failures=o.max_failures,
                          baselines=potentials.baselines if potentials is not None else None, wandb=wandb)
 
-    def tuner(self, phase: str, param_space: dict[str, Any], tune_config: Any) -> Any:
+    def tuner(self, phase: str, param_space: dict[str, Any], tune_config: Any, total: int) -> Any:
+        """Tune's experiment for ``phase`` of ``total`` trials: a new one, or the one ``--resume`` restores."""
         from ray import tune
 
+        from sweeps import progress
         from sweeps.snapshots import SnapshotKeeper, has_tune_snapshot, repair_phase
         from sweeps.watchdog import Watchdog
 
         path = self.dir.uri_of(phase)
+        progress.attach(path, self.say)
+        # Tune's new output engine ignores a progress reporter; the legacy one takes TableLog.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if self.o.verbose else "0"
         # What --resume restores after a driver crash is Tune's last experiment snapshot; Tune's
         # "auto" period is at least 10 s, and a trial finished after it is rerun. Snapshots of a
         # sweep's few dozen trials take milliseconds, so take them every 2 s.
@@ -270,9 +280,15 @@ class Sweep:
                                       restart_errored=False)
         # max_failures: a trial whose Tune process dies (killed, its node lost) is restarted, and its
         # Ray Train run resumes from the last epoch checkpoint.
+        table_log = self.local_dir / TUNE_LOG
+        if not self.o.verbose and not self._told_table_log:
+            self.say(f"[sweep] Ray Tune's status tables go to {table_log} (--verbose prints them)")
+            self._told_table_log = True
         run_config = tune.RunConfig(name=phase, storage_path=self.dir.uri, verbose=1,
                                     failure_config=tune.FailureConfig(max_failures=self.o.max_failures),
-                                    callbacks=[Watchdog(phase, self.o.stall_timeout), SnapshotKeeper(path)])
+                                    progress_reporter=None if self.o.verbose else progress.TableLog(str(table_log)),
+                                    callbacks=[Watchdog(phase, self.o.stall_timeout), SnapshotKeeper(path),
+                                               progress.ProgressLines(phase, total, self.o.metric[0], path)])
         return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
     def fit(self, phase: str, tuner: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -329,7 +345,7 @@ class Sweep:
         base = self.trial_spec("potentials")
         specs = [base.with_train(tasks=[task], balancer="ew").to_dict() for task in missing]
         tuner = self.tuner("potentials", {TRIAL_KEY: tune.grid_search(specs)},
-                           tune.TuneConfig(max_concurrent_trials=self.concurrency()))
+                           tune.TuneConfig(max_concurrent_trials=self.concurrency()), total=len(specs))
         rows, history = self.fit("potentials", tuner)
         failed = [r for r in rows if r["status"] != "TERMINATED"]
         if failed:
@@ -380,7 +396,7 @@ class Sweep:
         self.say(f"[search] {samples} trial(s) ({each}{self.o.search}) over {', '.join(space.methods)} "
                  f"({self.o.scheduler}, objective {metric} {mode})")
         tuner = self.tuner("search", {}, tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
-                                           metric=metric, mode=mode))
+                                           metric=metric, mode=mode), total=samples)
         self.fit("search", tuner)
 
     def run_seeds(self, potentials: pot.Potentials) -> None:
@@ -404,7 +420,7 @@ class Sweep:
                  for row in best.values() for seed in range(first, first + self.o.seeds)]
         self.say(f"[seeds] best config of {', '.join(best)} x {self.o.seeds} seed(s)")
         tuner = self.tuner("seeds", {TRIAL_KEY: tune.grid_search(specs)},
-                           tune.TuneConfig(max_concurrent_trials=self.concurrency()))
+                           tune.TuneConfig(max_concurrent_trials=self.concurrency()), total=len(specs))
         self.fit("seeds", tuner)
 
     def run(self) -> pd.DataFrame:

@@ -150,6 +150,30 @@ def test_leaderboard_files(sweep):
     assert "amtl" in (sweep["dir"] / "leaderboard.md").read_text()
 
 
+def test_a_running_sweep_says_each_trial_event_and_its_phases_progress(sweep):
+    """One line per trial start, epoch (with the objective) and end, and a progress line per ended
+    trial; Ray Tune's own status tables go to tune.log, not to the lines."""
+    messages, rows = sweep["messages"], trials(sweep)
+    history = pd.read_parquet(sweep["dir"] / "history.parquet")
+    for trial_id, phase in rows[["trial_id", "phase"]].itertuples(index=False):
+        own = [m[len(f"[{phase}] {trial_id} "):] for m in messages if m.startswith(f"[{phase}] {trial_id} ")]
+        assert own[0].startswith("started: ") and own[0].endswith(" alone" if phase == "potentials" else "")
+        epochs = history[history["trial_id"] == trial_id].sort_values("epoch")
+        objective = "kpi/" if phase == "potentials" else "val_delta_m "
+        expected = [f"epoch {int(e)}: {objective}" for e in epochs["epoch"]]
+        assert [m[:len(x)] for m, x in zip(own[1:-1], expected)] == expected
+        assert own[-1].startswith(("finished after", "stopped early by the scheduler")), own
+    for phase, n in rows.groupby("phase").size().items():
+        progress = [m for m in messages if m.startswith(f"[{phase}] ") and " trials done, " in m]
+        assert len(progress) == n and progress[-1].startswith(f"[{phase}] {n}/{n} trials done, 0 running")
+        assert all("left" in m for m in progress[:-1])  # an ETA until the last
+    search = [m for m in messages if m.startswith("[search] ") and " epoch " in m]
+    assert all(m.split("val_delta_m ")[1] for m in search)
+    table = (sweep["dir"] / "tune.log").read_text()
+    assert "== Status ==" in table and "Trial name" in table
+    assert not any("== Status ==" in m or "Trial name" in m for m in messages)
+
+
 def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep, capsys):
     storage = sweep["storage"]
     options = SweepOptions.of(methods=["amtl"], samples=2, seeds=1, storage=str(storage), name="second", **TINY)
@@ -175,7 +199,10 @@ def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep
         sweeps.sweep(options, resume=True, samples=0)
     capsys.readouterr()
     board = sweeps.sweep(options, resume=True)
-    assert "[search] already done" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[search] already done" in out
+    assert "[seeds] " in out and " started: amtl " in out and "[seeds] 1/1 trials done" in out
+    assert "== Status ==" not in out and "Trial status" not in out  # Tune's tables: in tune.log
     assert list(board["method"]) == ["amtl"] and board.loc[0, "n_seeds"] == 1
     after = pd.read_parquet(storage / "second" / "trials.parquet")
     search_after = after[after["phase"] == "search"].sort_values("trial_id").reset_index(drop=True)
