@@ -19,10 +19,14 @@ Confidence interval
 
 Rank
     Rows are sorted by ``test_delta_m_mean`` (best first). A method's ``rank`` is 1 + the number of
-    methods whose interval lies entirely below (better than) its own, i.e. whose ``high`` is below its
-    ``low``. Overlapping intervals therefore share a rank, and ranks can skip (1, 1, 3). A method
-    with a single scored run has no interval and is treated as unbounded: it neither beats nor is
-    beaten. Methods with no successful run get NaN scores, a missing rank and sit at the bottom.
+    methods significantly better than it (:func:`paired_tests`): every pair of methods is compared
+    on test Delta-m over the seeds both ran, by a paired t-test, and the p-values of all pairs are
+    Holm-corrected together; a pair differs when its corrected p is below ``ALPHA``. Methods that do
+    not differ share a rank, and ranks can skip (1, 1, 3). The seeds phase runs every method with the
+    same seeds (same initial weights, same batches), so the differences are paired: the test sees a
+    consistent gap that overlapping intervals hide. A method with a single scored run cannot be
+    tested: it neither beats nor is beaten. Methods with no successful run get NaN scores, a missing
+    rank and sit at the bottom.
 
 Per-task columns
     ``test/<task>/<kpi>``: the mean over the scoring rows of each task's test-split KPI (the metric
@@ -34,6 +38,7 @@ Per-task columns
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -79,19 +84,78 @@ def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
     return float(x.mean()), t_quantile(0.975, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
 
 
-def _ranks(low: np.ndarray, high: np.ndarray, mean: np.ndarray) -> list[int | None]:
-    """1 + number of methods whose interval lies entirely below each one's; None without a score."""
-    # A missing bound (single run) is unbounded on that side: it can neither beat nor be beaten.
-    low = np.where(np.isnan(low), -np.inf, low)
-    high = np.where(np.isnan(high), np.inf, high)
-    out: list[int | None] = []
-    for i in range(len(mean)):
-        if np.isnan(mean[i]):
-            out.append(None)
-            continue
-        scored = ~np.isnan(mean)
-        out.append(1 + int(np.sum(scored & (high < low[i]))))
-    return out
+#: Family-wise error rate of the pairwise comparisons that decide ranks (after Holm's correction).
+ALPHA = 0.05
+
+
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values; a NaN (a pair that could not be tested) is left out of the
+    family and stays NaN. (statsmodels has it, but is not worth a dependency for these lines.)"""
+    p = np.asarray(p, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    running = 0.0
+    for k, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        running = max(running, min(1.0, (len(tested) - k) * p[i]))  # step-down, kept monotone
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_tests(scores: Mapping[str, pd.Series]) -> pd.DataFrame:
+    """Every pair of methods compared on their scores (``{method: test Delta-m by seed}``).
+
+    A two-sided paired t-test over the seeds both ran (``scipy.stats.ttest_rel``): the seeds phase
+    gives every method the same seeds, so a seed's two runs share initial weights and batches. With
+    so few seeds a rank test cannot reach 5% (Wilcoxon needs six pairs), so the t-test it is. Fewer
+    than two shared seeds: not tested (NaN). Differences that are all equal and not zero have
+    t = +-inf, p = 0. Columns: ``method_a``, ``method_b``, ``pairs``, ``mean_diff`` (a - b; negative:
+    a is better), ``t``, ``p``, ``p_holm`` (over all tested pairs) and ``better`` (the method that is
+    significantly better at ``ALPHA``, or missing).
+    """
+    records = []
+    for a, b in itertools.combinations(sorted(scores), 2):
+        both = pd.concat([scores[a].rename("a"), scores[b].rename("b")], axis=1, join="inner").dropna()
+        diff = (both["a"] - both["b"]).to_numpy(float)
+        t = p = math.nan
+        if len(diff) >= 2 and np.all(diff == diff[0]):
+            t, p = (math.copysign(math.inf, diff[0]), 0.0) if diff[0] != 0 else (0.0, 1.0)
+        elif len(diff) >= 2:
+            result = stats.ttest_rel(both["a"], both["b"])
+            t, p = float(result.statistic), float(result.pvalue)
+        records.append({"method_a": a, "method_b": b, "pairs": len(diff),
+                        "mean_diff": float(diff.mean()) if len(diff) else math.nan, "t": t, "p": p})
+    columns = ["method_a", "method_b", "pairs", "mean_diff", "t", "p", "p_holm", "better"]
+    if not records:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    pairs = pd.DataFrame.from_records(records)
+    pairs["p_holm"] = holm(pairs["p"])
+    pairs["better"] = [(r.method_a if r.mean_diff < 0 else r.method_b) if r.p_holm < ALPHA else None
+                       for r in pairs.itertuples()]
+    return pairs[columns]
+
+
+def method_scores(trials: pd.DataFrame, hparam_columns: list[str]) -> dict[str, pd.Series]:
+    """Each method's scoring test Delta-m by seed (the rows :func:`build_leaderboard` scores it by)."""
+    hparams = [c for c in hparam_columns if c in trials.columns and c not in _NOT_HPARAMS]
+    rows_all = trials[trials["phase"] != "potentials"]
+    return {str(m): _scores_by_seed(_scoring_rows(rows, hparams)[0]) for m, rows in rows_all.groupby("method")}
+
+
+def _ranks(methods: Sequence[str], pairs: pd.DataFrame, scored: Sequence[bool]) -> list[int | None]:
+    """1 + the number of methods significantly better than each one; None without a score."""
+    beaten = {m: 0 for m in methods}
+    for r in pairs.itertuples():
+        if pd.notna(r.better):
+            beaten[r.method_b if r.better == r.method_a else r.method_a] += 1
+    return [1 + beaten[m] if ok else None for m, ok in zip(methods, scored)]
+
+
+def _scores_by_seed(scoring: pd.DataFrame) -> pd.Series:
+    """A method's scoring test Delta-m by seed (a seed scored twice: its mean)."""
+    if "seed" not in scoring.columns or scoring.empty:
+        return pd.Series(dtype=float)
+    values = pd.to_numeric(scoring["test_delta_m"], errors="coerce")
+    return values.groupby(scoring["seed"]).mean().dropna()
 
 
 # -- selection ------------------------------------------------------------------------------
@@ -211,11 +275,13 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
     rows_all = trials[trials["phase"] != "potentials"]
     task_cols = _task_columns(rows_all, kpi_metrics)
     records: list[dict[str, Any]] = []
+    scores: dict[str, pd.Series] = {}
     groups = dict(iter(rows_all.groupby("method", sort=True)))
     for method in methods:
         groups.setdefault(method, rows_all.iloc[0:0])
     for method, rows in sorted(groups.items()):
         scoring, source = _scoring_rows(rows, hparams)
+        scores[str(method)] = _scores_by_seed(scoring)
         mean, ci = mean_ci95(scoring["test_delta_m"].astype(float))
         rec: dict[str, Any] = {
             "method": str(method),
@@ -253,8 +319,8 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
     if not records:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     lb = pd.DataFrame.from_records(records)
-    lb["rank"] = pd.array(_ranks(lb["test_delta_m_low"].to_numpy(float), lb["test_delta_m_high"].to_numpy(float),
-                                 lb["test_delta_m_mean"].to_numpy(float)), dtype="Int64")
+    scored = lb["test_delta_m_mean"].notna().tolist()
+    lb["rank"] = pd.array(_ranks(list(lb["method"]), paired_tests(scores), scored), dtype="Int64")
     # Best mean first; unscored methods last; method name makes the order total.
     lb = lb.sort_values(["test_delta_m_mean", "method"], na_position="last", kind="mergesort")
     return lb[columns].reset_index(drop=True)
@@ -301,10 +367,19 @@ def to_markdown(lb: pd.DataFrame, note: str = "") -> str:
         body.append([_fmt(r["rank"]), str(r["method"]), dm, _fmt(r["val_delta_m_mean"]), _fmt(r["n_seeds"]),
                      *(_mean_ci(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), _fmt(r["trials"]),
                      _fmt(r["failed"]), _fmt(r.get("epochs")), _fmt(r.get("compute_seconds"), 0), cfg])
+    table = _markdown_table(header, body, numeric={0, 2, 3, 4, *range(5, 9 + len(task_cols))})
+    legend = ("Δm: Delta-m on test in %, lower is better. ci95: half-width of the 95% t-interval over seeds "
+              "(n/a with one run). rank: 1 + number of methods significantly better (paired t-test over the "
+              "seeds, Holm-corrected over all pairs, p < 0.05; significance.md); methods that do not differ "
+              "share a rank. trials, epochs, compute s: the budget each method received (search and seeds).")
+    return "\n".join([*table, "", legend, *([note] if note else [])]) + "\n"
+
+
+def _markdown_table(header: list[str], body: list[list[str]], numeric: set[int]) -> list[str]:
+    """Lines of an aligned markdown table (readable in a terminal too); ``numeric`` columns right-aligned."""
     # A literal "|" inside a cell would end the cell in markdown.
     body = [[cell.replace("|", "\\|") for cell in row] for row in body]
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-    numeric = {0, 2, 3, 4, *range(5, 9 + len(task_cols))}
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -312,11 +387,26 @@ def to_markdown(lb: pd.DataFrame, note: str = "") -> str:
 
     rule = "|" + "|".join((("-" * (w + 1)) + ":") if i in numeric else ("-" * (w + 2))
                           for i, w in enumerate(widths)) + "|"
-    legend = ("Δm: Delta-m on test in %, lower is better. ci95: half-width of the 95% t-interval over seeds "
-              "(n/a with one run). rank: 1 + number of methods whose interval lies entirely below; "
-              "overlapping intervals share a rank. trials, epochs, compute s: the budget each method received "
-              "(search and seeds).")
-    return "\n".join([line(header), rule, *(line(r) for r in body), "", legend, *([note] if note else [])]) + "\n"
+    return [line(header), rule, *(line(r) for r in body)]
+
+
+def _p_value(value: Any) -> str:
+    return "-" if _is_missing(value) else f"{value:.3g}"
+
+
+def significance_markdown(pairs: pd.DataFrame) -> str:
+    """``significance.md``: every pair of methods, its paired test and the verdict the ranks use."""
+    header = ["method a", "method b", "seeds", "mean Δm a - b", "t", "p", "p (Holm)", "verdict"]
+    body = []
+    for r in pairs.itertuples():
+        verdict = (f"{r.better} better" if pd.notna(r.better) else
+                   "not tested (fewer than 2 shared seeds)" if pd.isna(r.p) else "no significant difference")
+        body.append([str(r.method_a), str(r.method_b), _fmt(r.pairs), _fmt(r.mean_diff), _fmt(r.t), _p_value(r.p),
+                     _p_value(r.p_holm), verdict])
+    legend = (f"Paired two-sided t-test on test Delta-m over the seeds both methods ran (same seed: same initial "
+              f"weights and batches); p-values Holm-corrected over all tested pairs; a verdict needs p (Holm) < "
+              f"{ALPHA}. The leaderboard's rank is 1 + the number of methods significantly better.")
+    return "\n".join([*_markdown_table(header, body, numeric={2, 3, 4, 5, 6}), "", legend]) + "\n"
 
 
 # -- plots ----------------------------------------------------------------------------------
@@ -466,6 +556,10 @@ def write_outputs(trials: pd.DataFrame, history: pd.DataFrame | None, out_dir: s
     _atomic_write(out / "leaderboard.parquet", lambda tmp: lb.to_parquet(tmp, index=False))
     text = to_markdown(lb, note)
     _atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    pairs = paired_tests(method_scores(trials, hparam_columns))
+    _atomic_write(out / "significance.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
+    significance = significance_markdown(pairs)
+    _atomic_write(out / "significance.md", lambda tmp: tmp.write_text(significance, encoding="utf-8"))
     plot_leaderboard(lb, trials, out / "leaderboard.png")
     pick = _weights_trial(lb, trials, history) if history is not None else None
     if pick is not None:

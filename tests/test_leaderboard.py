@@ -1,4 +1,4 @@
-"""Leaderboard: t-intervals, overlap-aware ranks, row selection per phase, markdown, plots, parquet."""
+"""Leaderboard: t-intervals, ranks from paired tests, row selection per phase, markdown, plots, parquet."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sweeps.leaderboard import (build_leaderboard, mean_ci95, plot_leaderboard, plot_weights, t_quantile,
-                                to_markdown, write_outputs)
+from scipy import stats
+
+from sweeps.leaderboard import (ALPHA, build_leaderboard, holm, mean_ci95, method_scores, paired_tests,
+                                plot_leaderboard, plot_weights, significance_markdown, t_quantile, to_markdown,
+                                write_outputs)
 
 HP = ["focusing", "margin", "temperature", "lr"]
 TASKS = {"segmentation": "miou", "depth": "delta1"}
@@ -104,24 +107,51 @@ def test_every_method_is_listed_with_its_budget_or_the_reason_it_has_no_score():
 
 
 # -- ranking -----------------------------------------------------------------------------------
-def test_overlapping_intervals_share_a_rank():
-    # a ~ [-0.5, 4.5], b ~ [0.5, 5.5]: overlap, both rank 1 although a's mean is lower.
-    rows = seeds("a", [1.0, 2.0, 3.0]) + seeds("b", [2.0, 3.0, 4.0])
-    lb = build_leaderboard(frame(rows), HP)
-    assert list(lb["method"]) == ["a", "b"]
-    assert list(lb["rank"]) == [1, 1]
+def test_a_consistent_paired_gap_ranks_where_the_intervals_overlap():
+    # a ~ 2 ± 2.48 and b ~ 3.02 ± 2.4 overlap, but seed by seed b is 0.9-1.1 worse.
+    a, b = [1.0, 2.0, 3.0], [2.1, 2.9, 4.05]
+    lb = build_leaderboard(frame(seeds("a", a) + seeds("b", b)), HP)
+    assert lb_row(lb, "a")["test_delta_m_high"] > lb_row(lb, "b")["test_delta_m_low"]
+    assert list(lb["method"]) == ["a", "b"] and list(lb["rank"]) == [1, 2]
+    pairs = paired_tests(method_scores(frame(seeds("a", a) + seeds("b", b)), HP))
+    d = np.subtract(a, b)
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))  # by hand: the paired t statistic, 2 degrees of freedom
+    row = pairs.iloc[0]
+    assert row["pairs"] == 3 and row["t"] == pytest.approx(t) and row["p"] == pytest.approx(2 * stats.t.sf(abs(t), 2))
+    assert row["p_holm"] == row["p"] and row["better"] == "a"  # one pair: nothing to correct
 
 
-def test_separated_intervals_are_ranked():
-    # a ~ 1 ± 0.25, b ~ 10 ± 0.25 (disjoint from a), c ~ 10.1 ± 0.25 (overlaps b, disjoint from a).
-    rows = (seeds("a", [0.9, 1.0, 1.1]) + seeds("b", [9.9, 10.0, 10.1]) + seeds("c", [10.0, 10.1, 10.2]))
+def test_an_inconsistent_gap_shares_a_rank():
+    # a is better on two seeds by 2 and 0.5 and worse on the third by 1: no significant difference.
+    lb = build_leaderboard(frame(seeds("a", [1.0, 2.0, 3.0]) + seeds("b", [3.0, 2.5, 2.0])), HP)
+    assert list(lb["method"]) == ["a", "b"] and list(lb["rank"]) == [1, 1]
+
+
+def test_ranks_count_the_methods_significantly_better():
+    rows = (seeds("a", [0.9, 1.0, 1.1]) + seeds("b", [9.9, 10.05, 10.1]) + seeds("c", [10.0, 10.1, 10.25])
+            + seeds("d", [50.0, 50.3, 50.1]))
     lb = build_leaderboard(frame(rows), HP)
-    assert list(lb["method"]) == ["a", "b", "c"]
-    assert list(lb["rank"]) == [1, 2, 2]
-    # A method beaten by both b and c (intervals entirely below it) gets rank 1 + 3.
-    rows += seeds("d", [50.0, 50.1, 50.2])
-    lb = build_leaderboard(frame(rows), HP)
-    assert lb_row(lb, "d")["rank"] == 4
+    assert list(lb["method"]) == ["a", "b", "c", "d"]
+    assert list(lb["rank"]) == [1, 2, 2, 4]  # b and c do not differ (p = 0.07); d is beaten by all three
+    pairs = paired_tests(method_scores(frame(rows), HP)).set_index(["method_a", "method_b"])
+    assert pd.isna(pairs.loc[("b", "c"), "better"]) and pairs.loc[("b", "c"), "p_holm"] > ALPHA
+
+
+def test_holm_adjusts_over_the_tested_pairs_only():
+    # sorted 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04, kept monotone: 0.03, 0.06, 0.06
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    adjusted = holm([math.nan, 0.02, 0.3])
+    assert math.isnan(adjusted[0]) and adjusted[1:].tolist() == pytest.approx([0.04, 0.3])
+
+
+def test_a_raw_p_below_5_percent_can_lose_to_the_correction():
+    # b - a: 1.0, 1.5, 2.1 (p = 0.04 alone); with c, three pairs share the correction and none holds.
+    rows = seeds("a", [1.0, 2.0, 3.0]) + seeds("b", [2.0, 3.5, 5.1]) + seeds("c", [2.5, 3.0, 5.6])
+    pairs = paired_tests(method_scores(frame(rows), HP)).set_index(["method_a", "method_b"])
+    assert pairs.loc[("a", "b"), "p"] < ALPHA < pairs.loc[("a", "b"), "p_holm"]
+    assert pairs["better"].isna().all()
+    assert list(build_leaderboard(frame(rows), HP)["rank"]) == [1, 1, 1]
+    assert "no significant difference" in significance_markdown(pairs.reset_index())
 
 
 def test_single_run_has_no_interval_and_cannot_be_separated():
@@ -228,8 +258,12 @@ def test_write_outputs_round_trip(tmp_path):
     trials, hist = sweep_tables()
     lb = write_outputs(trials, hist, tmp_path / "out", HP)
     out = tmp_path / "out"
-    for name in ["leaderboard.parquet", "leaderboard.md", "leaderboard.png", "weights.png"]:
+    for name in ["leaderboard.parquet", "leaderboard.md", "leaderboard.png", "weights.png", "significance.md",
+                 "significance.parquet"]:
         assert (out / name).stat().st_size > 0
+    pairs = pd.read_parquet(out / "significance.parquet")
+    assert len(pairs) == 6  # every pair of the four methods, tested or not
+    assert (out / "significance.md").read_text(encoding="utf-8") == significance_markdown(pairs)
     back = pd.read_parquet(out / "leaderboard.parquet")
     pd.testing.assert_frame_equal(back, lb, check_dtype=False)
     assert list(back["method"]) == ["amtl", "dwa", "ew", "nash"]
