@@ -28,7 +28,7 @@ from amtl.data.registry import DATASETS, DataSplits, build_datasets, delta_m_dir
 from amtl.models import MODELS_REGISTRY, build_model
 from amtl.models.base import MultiTaskModel
 from amtl.options import option
-from amtl.tasks import Task, delta_m, directions, make_task, task_names
+from amtl.tasks import Task, delta_m, directions, make_task, task_deltas, task_names
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AMP_DTYPES = ("bfloat16", "float16")
@@ -492,6 +492,7 @@ class Trainer:
         if baselines:
             result["val_delta_m"] = delta_m(val, baselines, dirs)
             result["test_delta_m"] = delta_m(test, test_baselines or baselines, dirs)
+            result["test_task_delta"] = task_deltas(test, test_baselines or baselines, dirs)
         if self.out_dir is not None:
             _atomic_write_text(self.out_dir / "metrics.json", json.dumps(result, indent=2, sort_keys=True))
         return result

@@ -10,7 +10,7 @@ import torch
 
 from amtl.trainer import CHECKPOINT, NonFiniteLossError, TrainConfig, Trainer
 from sweeps.tracking import flatten_record
-from sweeps.trial import FAILED_KEY, FINAL_KEY, TrialSpec, failed_report
+from sweeps.trial import FAILED_KEY, FINAL_KEY, TASK_DELTA_PREFIX, TrialSpec, failed_report
 
 
 class _RayReporter:
@@ -94,6 +94,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for key in ("val_delta_m", "test_delta_m"):
         if key in result:
             final[key] = result[key]
+    for task, value in result.get("test_task_delta", {}).items():
+        final[f"{TASK_DELTA_PREFIX}{task}"] = value
     for task, value in trainer.kpis(result["val"]).items():
         final[f"kpi/{task}"] = value
     for task, value in result["weights"].items():

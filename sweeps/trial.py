@@ -28,6 +28,8 @@ TRIAL_KEY = "trial"
 FINAL_KEY = "final"
 #: Metric of a final report that ends the trial as failed: the reason, one line.
 FAILED_KEY = "failed"
+#: Prefix of a final report's per-task test Delta-m (``delta/<task>``: where the Delta-m comes from).
+TASK_DELTA_PREFIX = "delta/"
 
 
 @dataclass(frozen=True)

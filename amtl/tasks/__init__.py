@@ -97,5 +97,15 @@ def delta_m(metrics: Mapping[str, float], baselines: Mapping[str, float],
     return 100.0 * total / len(keys)
 
 
+def task_deltas(metrics: Mapping[str, float], baselines: Mapping[str, float],
+                higher_is_better: Mapping[str, bool]) -> dict[str, float]:
+    """Each task's own Delta-m (over its metrics in ``higher_is_better``, keys ``task/metric``): where a
+    multi-task model's Delta-m comes from. The metric-count-weighted mean of these is :func:`delta_m`."""
+    by_task: dict[str, dict[str, bool]] = {}
+    for key, hib in higher_is_better.items():
+        by_task.setdefault(key.split("/", 1)[0], {})[key] = hib
+    return {task: delta_m(metrics, baselines, keys) for task, keys in by_task.items()}
+
+
 __all__ = ["Depth", "Detection", "Normal", "Segmentation", "TASKS", "Task", "TaskContractError", "check_task",
-           "delta_m", "directions", "make_task", "register_task", "task_names"]
+           "delta_m", "directions", "make_task", "register_task", "task_deltas", "task_names"]
