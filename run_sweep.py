@@ -3,8 +3,9 @@
 
 Phases: single-task potentials (cached per data/model/budget), the Optuna search over methods and
 their hyperparameters, then the best config of each method rerun over ``--seeds``. Results go to
-``<storage>/<name>/`` (trials.parquet, leaderboard.{parquet,md,png}, weights.png) and to W&B
-(offline unless an API key is set). Exit status: 0 done, 2 bad input, 1 failure.
+``<storage>/<name>/`` (report.html, trials.parquet, leaderboard.{parquet,md,png}, the plots) and to W&B
+(offline unless an API key is set); ``--report`` rebuilds them from the stored results. Exit status:
+0 done, 2 bad input, 1 failure.
 """
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from amtl import plugins
     from sweeps.cli import BadInput, check_options, connect
     try:
+        if options.report:  # nothing to train: no cluster, no checks of what a run would need
+            from sweeps.runner import report
+            report(options)
+            return 0
         check_options(options)
         connect(options.address, plugins.files(options.train.plugins))
         from sweeps.runner import run

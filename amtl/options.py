@@ -202,6 +202,28 @@ def value_of(obj: Any, o: Option) -> Any:
     return getattr(obj, o.name)
 
 
+def to_flags(obj: Any, skip: Sequence[str] = ()) -> list[str]:
+    """The command-line flags that give ``obj`` (an options dataclass) where it differs from the
+    defaults: the inverse of :func:`add_arguments`, for a command a user can paste."""
+    flags: list[str] = []
+    for o in options(type(obj)):
+        if not o.meta.cli or o.name in skip:
+            continue
+        value = value_of(obj, o)
+        plain = list(value) if isinstance(value, tuple) else value
+        if plain == (list(o.default) if isinstance(o.default, tuple) else o.default):
+            continue
+        if o.kind is bool:
+            flags.append((o.meta.off_flag or f"--no-{o.name.replace('_', '-')}") if o.default else o.flag)
+        elif value is None:  # no flag gives None back where the default is a value
+            continue
+        elif o.kind is list:
+            flags += [o.flag, ",".join(str(v) for v in value)]
+        else:
+            flags += [o.flag, str(value)]
+    return flags
+
+
 def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """The options of ``cls`` set in a YAML file, checked and converted; ``dashed-names`` accepted."""
     where = str(path)

@@ -40,6 +40,11 @@ def check_options(o: SweepOptions) -> None:
     _check_name(o.name)
     if o.kpi is not None and o.kpi not in o.train.tasks:
         raise SweepError(f"--kpi '{o.kpi}' is not one of the sweep's tasks ({', '.join(o.train.tasks)})")
+    if o.objective == "pareto" and o.kpi is not None:
+        raise SweepError(f"--objective pareto and --kpi {o.kpi} both choose the search's objective; drop one")
+    if o.objective == "pareto" and len(o.train.tasks) < 2:
+        raise SweepError(f"--objective pareto needs two or more --tasks (got {', '.join(o.train.tasks)}); add tasks "
+                         f"or drop --objective pareto")
     if o.space is not None and Path(o.space).is_dir():
         raise SweepError(f"--space '{o.space}' is a directory; give one YAML file (a method file, or a sweep "
                          f"file like sweeps/search_spaces/all.yaml)")

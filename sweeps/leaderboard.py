@@ -35,6 +35,8 @@ Per-task columns
     ``val/<task>/<metric>`` column equal to ``kpi/<task>`` (how the trainer defines KPIs), or given
     with ``kpi_metrics``. When no test column can be matched the column is ``kpi/<task>`` (val KPI).
     Each has a ``<column>_ci95`` beside it: the same interval as Delta-m's, over the same rows.
+    ``delta/<task>`` (when the trials report it): the task's own test Delta-m, where the method's
+    Delta-m comes from, with its interval too.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ import pandas as pd
 from scipy import stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from sweeps.trial import TASK_DELTA_PREFIX
 
 OK_STATUS = "TERMINATED"
 FAILED_STATUS = "ERROR"
@@ -169,7 +173,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     try:
         return bool(pd.isna(value))
     except (TypeError, ValueError):  # lists/dicts in a column: present
@@ -178,7 +182,7 @@ def _is_missing(value: Any) -> bool:
 
 def config_json(row: Mapping[str, Any], hparam_columns: Iterable[str]) -> str:
     """JSON (sorted keys) of the row's hyperparameters that are set (non-NaN)."""
-    cfg = {c: _plain(row[c]) for c in hparam_columns if c in row and not _is_missing(row[c])}
+    cfg = {c: _plain(row[c]) for c in hparam_columns if c in row and not is_missing(row[c])}
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
@@ -274,6 +278,7 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
     hparams = [c for c in hparam_columns if c in trials.columns and c not in _NOT_HPARAMS]
     rows_all = trials[trials["phase"] != "potentials"]
     task_cols = _task_columns(rows_all, kpi_metrics)
+    delta_cols = sorted(c for c in rows_all.columns if c.startswith(TASK_DELTA_PREFIX))
     records: list[dict[str, Any]] = []
     scores: dict[str, pd.Series] = {}
     groups = dict(iter(rows_all.groupby("method", sort=True)))
@@ -292,7 +297,7 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
             "test_delta_m_high": mean + ci,
             "val_delta_m_mean": float(scoring["val_delta_m"].astype(float).mean()) if len(scoring) else math.nan,
         }
-        for col in task_cols.values():
+        for col in [*task_cols.values(), *delta_cols]:
             values = pd.to_numeric(scoring[col], errors="coerce").dropna()
             rec[col], rec[col + CI_SUFFIX] = mean_ci95(values) if len(values) else (math.nan, math.nan)
         if len(scoring):
@@ -314,7 +319,7 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
         records.append(rec)
     columns = ["method", "rank", "n_seeds", "test_delta_m_mean", "test_delta_m_ci95", "test_delta_m_low",
                "test_delta_m_high", "val_delta_m_mean",
-               *(c for col in task_cols.values() for c in (col, col + CI_SUFFIX)), "best_config", "best_trial_id",
+               *(c for col in [*task_cols.values(), *delta_cols] for c in (col, col + CI_SUFFIX)), "best_config", "best_trial_id",
                "scored_on", "trials", "failed", "epochs", "compute_seconds", "note"]
     if not records:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
@@ -327,8 +332,8 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
 
 
 # -- markdown -------------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 2) -> str:
-    if _is_missing(value):
+def fmt_cell(value: Any, digits: int = 2) -> str:
+    if is_missing(value):
         return "-"
     if isinstance(value, (float, np.floating)):
         return f"{value:.{digits}f}"
@@ -340,12 +345,12 @@ def _task_score_columns(lb: pd.DataFrame) -> list[str]:
 
 
 def _mean_ci(mean: Any, ci: Any, digits: int) -> str:
-    if _is_missing(mean):
+    if is_missing(mean):
         return "-"
-    return f"{mean:.{digits}f} ± " + ("n/a" if _is_missing(ci) else f"{ci:.{digits}f}")
+    return f"{mean:.{digits}f} ± " + ("n/a" if is_missing(ci) else f"{ci:.{digits}f}")
 
 
-def _task_label(col: str) -> str:
+def task_label(col: str) -> str:
     """``test/depth/delta1`` -> ``depth delta1``; ``kpi/depth`` -> ``depth (val KPI)``."""
     parts = col.split("/")
     return f"{parts[1]} {'/'.join(parts[2:])}" if parts[0] == "test" else f"{parts[1]} (val KPI)"
@@ -356,18 +361,18 @@ def to_markdown(lb: pd.DataFrame, note: str = "") -> str:
     ``note`` (e.g. that a joint search gave the methods unequal budgets)."""
     task_cols = _task_score_columns(lb)
     header = ["rank", "method", "test Δm (mean ± ci95)", "val Δm", "seeds",
-              *(f"{_task_label(c)} (± ci95)" for c in task_cols),
+              *(f"{task_label(c)} (± ci95)" for c in task_cols),
               "trials", "failed", "epochs", "compute s", "best config"]
     body: list[list[str]] = []
     for _, r in lb.iterrows():
         dm = _mean_ci(r["test_delta_m_mean"], r["test_delta_m_ci95"], 2)
-        cfg = f"`{r['best_config']}`" if not _is_missing(r["best_config"]) else "-"
-        if not _is_missing(r.get("note")) and r.get("note"):
+        cfg = f"`{r['best_config']}`" if not is_missing(r["best_config"]) else "-"
+        if not is_missing(r.get("note")) and r.get("note"):
             cfg = f"({r['note']})"
-        body.append([_fmt(r["rank"]), str(r["method"]), dm, _fmt(r["val_delta_m_mean"]), _fmt(r["n_seeds"]),
-                     *(_mean_ci(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), _fmt(r["trials"]),
-                     _fmt(r["failed"]), _fmt(r.get("epochs")), _fmt(r.get("compute_seconds"), 0), cfg])
-    table = _markdown_table(header, body, numeric={0, 2, 3, 4, *range(5, 9 + len(task_cols))})
+        body.append([fmt_cell(r["rank"]), str(r["method"]), dm, fmt_cell(r["val_delta_m_mean"]), fmt_cell(r["n_seeds"]),
+                     *(_mean_ci(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), fmt_cell(r["trials"]),
+                     fmt_cell(r["failed"]), fmt_cell(r.get("epochs")), fmt_cell(r.get("compute_seconds"), 0), cfg])
+    table = markdown_table(header, body, numeric={0, 2, 3, 4, *range(5, 9 + len(task_cols))})
     legend = ("Δm: Delta-m on test in %, lower is better. ci95: half-width of the 95% t-interval over seeds "
               "(n/a with one run). rank: 1 + number of methods significantly better (paired t-test over the "
               "seeds, Holm-corrected over all pairs, p < 0.05; significance.md); methods that do not differ "
@@ -375,7 +380,7 @@ def to_markdown(lb: pd.DataFrame, note: str = "") -> str:
     return "\n".join([*table, "", legend, *([note] if note else [])]) + "\n"
 
 
-def _markdown_table(header: list[str], body: list[list[str]], numeric: set[int]) -> list[str]:
+def markdown_table(header: list[str], body: list[list[str]], numeric: set[int]) -> list[str]:
     """Lines of an aligned markdown table (readable in a terminal too); ``numeric`` columns right-aligned."""
     # A literal "|" inside a cell would end the cell in markdown.
     body = [[cell.replace("|", "\\|") for cell in row] for row in body]
@@ -391,7 +396,7 @@ def _markdown_table(header: list[str], body: list[list[str]], numeric: set[int])
 
 
 def _p_value(value: Any) -> str:
-    return "-" if _is_missing(value) else f"{value:.3g}"
+    return "-" if is_missing(value) else f"{value:.3g}"
 
 
 def significance_markdown(pairs: pd.DataFrame) -> str:
@@ -401,27 +406,27 @@ def significance_markdown(pairs: pd.DataFrame) -> str:
     for r in pairs.itertuples():
         verdict = (f"{r.better} better" if pd.notna(r.better) else
                    "not tested (fewer than 2 shared seeds)" if pd.isna(r.p) else "no significant difference")
-        body.append([str(r.method_a), str(r.method_b), _fmt(r.pairs), _fmt(r.mean_diff), _fmt(r.t), _p_value(r.p),
+        body.append([str(r.method_a), str(r.method_b), fmt_cell(r.pairs), fmt_cell(r.mean_diff), fmt_cell(r.t), _p_value(r.p),
                      _p_value(r.p_holm), verdict])
     legend = (f"Paired two-sided t-test on test Delta-m over the seeds both methods ran (same seed: same initial "
               f"weights and batches); p-values Holm-corrected over all tested pairs; a verdict needs p (Holm) < "
               f"{ALPHA}. The leaderboard's rank is 1 + the number of methods significantly better.")
-    return "\n".join([*_markdown_table(header, body, numeric={2, 3, 4, 5, 6}), "", legend]) + "\n"
+    return "\n".join([*markdown_table(header, body, numeric={2, 3, 4, 5, 6}), "", legend]) + "\n"
 
 
 # -- plots ----------------------------------------------------------------------------------
-def _figure(width: float, height: float) -> Figure:
+def agg_figure(width: float, height: float) -> Figure:
     """A Figure on the Agg canvas: headless, deterministic, and no pyplot state or global backend switch."""
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save_png(fig: Figure, path: str | Path) -> None:
+def save_png(fig: Figure, path: str | Path) -> None:
     """Save atomically: a reader never sees a half-written PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata=_PNG_META))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata=_PNG_META))
 
 
 def plot_leaderboard(lb: pd.DataFrame, trials: pd.DataFrame | None, path: str | Path) -> None:
@@ -433,10 +438,10 @@ def plot_leaderboard(lb: pd.DataFrame, trials: pd.DataFrame | None, path: str | 
     del trials
     task_cols = _task_score_columns(lb)
     n = max(len(lb), 1)
-    fig = _figure(13 if task_cols else 7, 1.2 + 0.45 * n)
+    fig = agg_figure(13 if task_cols else 7, 1.2 + 0.45 * n)
     axes = fig.subplots(1, 2 if task_cols else 1, squeeze=False)
     y = np.arange(len(lb))[::-1]  # best (first row) on top
-    labels = [f"{m}  (failed)" if _is_missing(r) else f"{m}  (#{r})" for m, r in zip(lb["method"], lb["rank"])]
+    labels = [f"{m}  (failed)" if is_missing(r) else f"{m}  (#{r})" for m, r in zip(lb["method"], lb["rank"])]
     ax = axes[0, 0]
     mean = lb["test_delta_m_mean"].to_numpy(float)
     ci = lb["test_delta_m_ci95"].to_numpy(float)
@@ -463,7 +468,7 @@ def plot_leaderboard(lb: pd.DataFrame, trials: pd.DataFrame | None, path: str | 
         height = 0.8 / len(task_cols)
         for k, col in enumerate(task_cols):
             vals = lb[col].to_numpy(float)
-            ax2.barh(y + 0.4 - height * (k + 0.5), np.nan_to_num(vals), height=height, label=_task_label(col))
+            ax2.barh(y + 0.4 - height * (k + 0.5), np.nan_to_num(vals), height=height, label=task_label(col))
         ax2.set_yticks(y, list(lb["method"]))
         ax2.set_ylim(-0.7, len(lb) - 0.3)
         ax2.set_xlabel("KPI (higher is better)")
@@ -471,7 +476,7 @@ def plot_leaderboard(lb: pd.DataFrame, trials: pd.DataFrame | None, path: str | 
         ax2.grid(axis="x", alpha=0.3)
         ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_weights(history: pd.DataFrame, trial_id: Any, path: str | Path, method: str | None = None) -> None:
@@ -481,7 +486,7 @@ def plot_weights(history: pd.DataFrame, trial_id: Any, path: str | Path, method:
     if rows.empty or not wcols:
         raise ValueError(f"no task-weight history for trial {trial_id!r}")
     kcols = sorted(c for c in rows.columns if c.startswith("kpi/") and rows[c].notna().any())
-    fig = _figure(8, 7 if kcols else 4)
+    fig = agg_figure(8, 7 if kcols else 4)
     axes = fig.subplots(2 if kcols else 1, 1, sharex=True, squeeze=False)
     epochs = rows["epoch"].to_numpy(float)
     ax = axes[0, 0]
@@ -505,11 +510,11 @@ def plot_weights(history: pd.DataFrame, trial_id: Any, path: str | Path, method:
         axk.legend(fontsize=8)
     axes[-1, 0].set_xlabel("epoch")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 # -- outputs --------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -518,27 +523,39 @@ def _atomic_write(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _weights_trial(lb: pd.DataFrame, trials: pd.DataFrame, history: pd.DataFrame) -> tuple[str, str] | None:
-    """The trial whose weights to plot: best-scoring ``amtl*`` method first, then any method."""
+def _logged_weight_trials(history: pd.DataFrame | None) -> set[str]:
     if history is None or history.empty or "trial_id" not in history:
-        return None
+        return set()
     wcols = [c for c in history.columns if c.startswith("weight/")]
     if not wcols:
+        return set()
+    return set(history.loc[history[wcols].notna().any(axis=1), "trial_id"].astype(str))
+
+
+def weights_trial_of(method: str, lb: pd.DataFrame, trials: pd.DataFrame, history: pd.DataFrame | None) -> str | None:
+    """The trial of ``method`` whose task weights to show: its scoring trial when that logged weights,
+    else its logged trial with the lowest val Delta-m; None when none logged any."""
+    logged = _logged_weight_trials(history)
+    if not logged:
         return None
-    logged = set(history.loc[history[wcols].notna().any(axis=1), "trial_id"].astype(str))
-    ranked = list(lb["method"])  # already best first
-    order = [m for m in ranked if str(m).startswith("amtl")] + [m for m in ranked if not str(m).startswith("amtl")]
-    by_val = trials.assign(_v=pd.to_numeric(trials["val_delta_m"], errors="coerce"),
-                           _id=trials["trial_id"].astype(str)).sort_values(["_v", "_id"], na_position="last")
-    for method in order:
-        best = lb.loc[lb["method"] == method, "best_trial_id"].iloc[0]
-        if not _is_missing(best) and str(best) in logged:
-            return str(best), str(method)
-        # The scoring trial may not have logged history; the method's best other logged trial will do.
-        mine = by_val[(by_val["method"] == method) & (by_val["phase"] != "potentials")
-                      & by_val["_id"].isin(logged)]
-        if len(mine):
-            return str(mine["_id"].iloc[0]), str(method)
+    best = lb.loc[lb["method"] == method, "best_trial_id"]
+    if len(best) and not is_missing(best.iloc[0]) and str(best.iloc[0]) in logged:
+        return str(best.iloc[0])
+    mine = trials[(trials["method"] == method) & (trials["phase"] != "potentials")
+                  & trials["trial_id"].astype(str).isin(logged)]
+    if mine.empty:
+        return None
+    mine = mine.assign(_v=pd.to_numeric(mine["val_delta_m"], errors="coerce"), _id=mine["trial_id"].astype(str))
+    return str(mine.sort_values(["_v", "_id"], na_position="last")["_id"].iloc[0])
+
+
+def _weights_trial(lb: pd.DataFrame, trials: pd.DataFrame, history: pd.DataFrame) -> tuple[str, str] | None:
+    """The trial whose weights to plot: best-scoring ``amtl*`` method first, then any method."""
+    ranked = [str(m) for m in lb["method"]]  # already best first
+    for method in [m for m in ranked if m.startswith("amtl")] + [m for m in ranked if not m.startswith("amtl")]:
+        trial = weights_trial_of(method, lb, trials, history)
+        if trial is not None:
+            return trial, method
     return None
 
 
@@ -553,13 +570,13 @@ def write_outputs(trials: pd.DataFrame, history: pd.DataFrame | None, out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lb = build_leaderboard(trials, hparam_columns, kpi_metrics, methods)
-    _atomic_write(out / "leaderboard.parquet", lambda tmp: lb.to_parquet(tmp, index=False))
+    atomic_write(out / "leaderboard.parquet", lambda tmp: lb.to_parquet(tmp, index=False))
     text = to_markdown(lb, note)
-    _atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     pairs = paired_tests(method_scores(trials, hparam_columns))
-    _atomic_write(out / "significance.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
+    atomic_write(out / "significance.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
     significance = significance_markdown(pairs)
-    _atomic_write(out / "significance.md", lambda tmp: tmp.write_text(significance, encoding="utf-8"))
+    atomic_write(out / "significance.md", lambda tmp: tmp.write_text(significance, encoding="utf-8"))
     plot_leaderboard(lb, trials, out / "leaderboard.png")
     pick = _weights_trial(lb, trials, history) if history is not None else None
     if pick is not None:

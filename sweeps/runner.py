@@ -8,14 +8,16 @@ row per trial), ``history.parquet`` (per-epoch rows), the leaderboard files, and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from amtl.plugins import absolute as plugin_paths
@@ -24,9 +26,10 @@ from amtl.trainer import TrainConfig
 from sweeps import potentials as pot
 from sweeps.interrupts import Interrupted, StopSignals
 from sweeps.storage import Storage
-from sweeps.trial import FAILED_KEY, FINAL_KEY, TRIAL_KEY, TrialSpec, run_trial
+from sweeps.trial import FAILED_KEY, FINAL_KEY, TASK_DELTA_PREFIX, TRIAL_KEY, TrialSpec, run_trial
 
 PHASES = ("potentials", "search", "seeds")
+OBJECTIVES = ("delta-m", "pareto")
 SEARCHES = ("per-method", "joint")
 STATE = "state.json"
 #: The Tune trial itself only waits on its TorchTrainer; a token of memory is its whole request
@@ -81,10 +84,17 @@ class SweepOptions:
     no_wandb: bool = option(False, help="no W&B runs")
     optuna_storage: str | None = option(None, help="SQLAlchemy URL of the Optuna study (default: SQLite file)")
     kpi: str | None = option(None, help="optimise this task's validation KPI instead of Delta-m")
+    objective: str = option("delta-m", choices=OBJECTIVES,
+                            help="the search's objective. delta-m: val Delta-m (or --kpi's KPI). pareto: every task's "
+                                 "val KPI at once (Optuna's multi-objective TPE; FIFO, since ASHA needs one number); "
+                                 "the seeds phase reruns, of each method's Pareto set, the config with the best val "
+                                 "Delta-m, and the leaderboard lists the Pareto set")
     max_failures: int = option(2, help="restarts of a trial whose process dies, from its last checkpoint")
     stall_timeout: float = option(3600.0, help="seconds a phase may go without any trial progress (trials waiting "
                                                "for resources, a stuck trial) before the sweep ends with an error "
                                                "saying what it waited for; longer than one epoch")
+    report: bool = option(False, help="rebuild the report and every other output of sweep --name in --storage "
+                                      "from its stored results (its own saved options apply); trains nothing")
     verbose: bool = option(False, help="print Ray Tune's own status tables (default: one line per trial event, "
                                        "the tables go to tune.log in the sweep's folder)")
 
@@ -108,6 +118,14 @@ class SweepOptions:
         return (f"kpi/{self.kpi}", "max") if self.kpi else ("val_delta_m", "min")
 
     @property
+    def objectives(self) -> tuple[list[str], list[str]]:
+        """What the search optimises, as metric and mode lists: one of each unless ``objective`` is pareto."""
+        if self.objective == "pareto":
+            return [f"kpi/{task}" for task in self.train.tasks], ["max"] * len(self.train.tasks)
+        metric, mode = self.metric
+        return [metric], [mode]
+
+    @property
     def trial_train(self) -> TrainConfig:
         """``train`` as every trial of this sweep starts from: the device and CPU threads from the
         trial's resources; plugin files by absolute path (trial processes do not run in the driver's
@@ -117,16 +135,44 @@ class SweepOptions:
                        device="cuda" if self.gpus_per_trial > 0 else "cpu", threads=max(1, int(per_worker)))
 
 
+#: Options that change how a sweep runs, not what it computes: a rerun may change them.
+RUN_OPTIONS = {"resume", "report", "verbose", "address", "stall_timeout", "max_concurrent", "max_failures", "no_wandb",
+               "wandb_project", "wandb_entity", "optuna_storage", "recompute_potentials",
+               "train.num_workers", "train.log_every", "train.cache_dir", "train.threads", "train.device"}
+
+
+def _flat(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def option_differences(recorded: Mapping[str, Any], options: SweepOptions) -> list[str]:
+    """``name: old -> new`` for every option that changes what sweep ``recorded`` (its state's
+    options) computes; an option the recorded sweep did not know yet is not a difference."""
+    old, new = _flat(recorded), _flat(_recorded_options(options))
+    return [f"{key.removeprefix('train.')}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
+            if key not in RUN_OPTIONS and old[key] != new[key]]
+
+
 def check_resume(o: SweepOptions, storage: Storage) -> bool:
-    """Whether sweep ``o.name`` exists in ``storage``; SweepError when that contradicts ``o.resume``
-    (a finished or interrupted sweep is never started over by accident, a typo never starts afresh),
-    or when its ``state.json`` is unreadable (found here, before Ray starts, not in the middle of a run)."""
+    """Whether sweep ``o.name`` exists in ``storage``. Running an existing sweep again with the same
+    options continues it (a finished one only shows its results); SweepError when the options differ
+    without ``--resume`` (naming each difference: a rerun never mixes two configurations by
+    accident), when ``--resume`` names no sweep (a typo never starts afresh), or when its
+    ``state.json`` is unreadable (found here, before Ray starts, not in the middle of a run)."""
     exists = storage.exists(o.name, STATE)
     if exists:
-        read_state(Storage(storage.uri_of(o.name)))
-    if exists and not o.resume:
-        raise SweepError(f"sweep '{o.name}' already exists in '{storage.uri}'; pass --resume to continue it, "
-                         f"or choose another --name")
+        state = read_state(Storage(storage.uri_of(o.name)))
+        changed = [] if o.resume else option_differences(state.get("options") or {}, o)
+        if changed:
+            raise SweepError(f"sweep '{o.name}' in '{storage.uri}' was run with other options ({'; '.join(changed)}); "
+                             f"run it with its own (--config {storage.uri_of(o.name, CONFIG_FILE)}), or choose "
+                             f"another --name for these")
     if o.resume and not exists:
         raise SweepError(f"no sweep '{o.name}' to resume in '{storage.uri}'; check --name and --storage, "
                          f"or drop --resume to start it")
@@ -209,13 +255,23 @@ class Sweep:
         self.signals = StopSignals()
         self._saved_state: bytes | None = None  # what the last save wrote: the next save's backup
         self._told_table_log = False
+        self.shown_only = False  # a finished sweep run again: nothing new to log
 
     # -- state -----------------------------------------------------------------------------
     def load_state(self) -> None:
         if not check_resume(self.o, self.storage):
             return
         self.state = read_state(self.dir)
+        if set(PHASES) <= set(self.state["done"]):
+            self.shown_only = True  # W&B has this leaderboard already
+            self.say(f"[sweep] '{self.o.name}' is finished with these options: its results, from {self.dir.uri} "
+                     f"(--name NEW starts another)")
+        elif not self.o.resume:
+            self.say(f"[sweep] '{self.o.name}' exists with these options and is unfinished: continuing it")
         self._saved_state = json.dumps(self.state, indent=2, default=str).encode()
+        self.load_results()
+
+    def load_results(self) -> None:
         if self.dir.exists("trials.parquet"):
             self.rows = self.dir.read_parquet("trials.parquet").to_dict("records")
         if self.dir.exists("history.parquet"):
@@ -268,6 +324,9 @@ class Sweep:
         # "auto" period is at least 10 s, and a trial finished after it is rerun. Snapshots of a
         # sweep's few dozen trials take milliseconds, so take them every 2 s.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        if not self.o.verbose:  # a line per trial (a tasks list TensorBoard cannot take), two per phase: noise here
+            for name in ("ray.tune.logger.tensorboardx", "ray.tune.tune"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         trainable = tune.with_resources(run_trial, DRIVER_RESOURCES)
         # can_restore only looks for tuner.pkl, written before Tune's first experiment snapshot; a
         # restore without a snapshot "restarts" the experiment without the phase's fixed config.
@@ -376,16 +435,18 @@ class Sweep:
         per_method = self.o.search == "per-method"
         space = replace(load_space(self.o.compared, Path(self.o.space) if self.o.space else None),
                         per_method=per_method)
-        metric, mode = self.o.metric
+        metrics, modes = self.o.objectives
+        pareto = len(metrics) > 1
         storage_url = self.o.optuna_storage or (default_storage_url(self.storage.root, self.o.name)
                                                 if self.storage.is_local else None)
-        optuna = make_searcher(space, metric, mode, self.o.train.seed, storage_url, study_name=self.o.name)
+        optuna = make_searcher(space, metrics if pareto else metrics[0], modes if pareto else modes[0],
+                               self.o.train.seed, storage_url, study_name=self.o.name)
         searcher = ConcurrencyLimiter(SpecSearcher(optuna, self.trial_spec("search", potentials),
                                                    potentials.potentials), max_concurrent=self.concurrency())
         # max_t one past the budget: ASHA stops a trial that *reaches* max_t, which would cut off
         # its final report (the test metrics), sent after the last epoch with the same epoch number.
         asha = {"time_attr": "epoch", "max_t": self.o.train.epochs + 1, "grace_period": 1, "reduction_factor": 2}
-        if self.o.scheduler == "fifo":
+        if self.o.scheduler == "fifo" or pareto:  # ASHA compares trials by one number
             scheduler = FIFOScheduler()
         elif per_method:
             scheduler = PerMethodASHA(**asha)
@@ -393,24 +454,19 @@ class Sweep:
             scheduler = ASHAScheduler(**asha)
         samples = self.o.samples * (len(space.methods) if per_method else 1)
         each = f"{self.o.samples} per method, " if per_method and len(space.methods) > 1 else ""
+        objective = (f"Pareto front of {', '.join(metrics)} (max)" if pareto else f"{metrics[0]} {modes[0]}")
         self.say(f"[search] {samples} trial(s) ({each}{self.o.search}) over {', '.join(space.methods)} "
-                 f"({self.o.scheduler}, objective {metric} {mode})")
+                 f"({'fifo' if pareto else self.o.scheduler}, objective {objective})")
+        # Several objectives: the searcher holds them; Tune itself then has no single metric to sort by.
         tuner = self.tuner("search", {}, tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
-                                           metric=metric, mode=mode), total=samples)
+                                                         metric=None if pareto else metrics[0],
+                                                         mode=None if pareto else modes[0]), total=samples)
         self.fit("search", tuner)
 
     def run_seeds(self, potentials: pot.Potentials) -> None:
         from ray import tune
 
-        metric, mode = self.o.metric
-        best: dict[str, dict[str, Any]] = {}
-        for row in self.rows:
-            if row["phase"] != "search" or row["status"] != "TERMINATED" or not _finite(row.get(metric)):
-                continue
-            current = best.get(row["method"])
-            better = current is None or (row[metric] < current[metric] if mode == "min" else row[metric] > current[metric])
-            if better:
-                best[row["method"]] = row
+        best = best_configs(self.rows, self.o)
         if not best:
             raise RuntimeError("no search trial finished; nothing to rerun over seeds (see trials.parquet errors)")
         base = self.trial_spec("seeds", potentials)
@@ -464,29 +520,80 @@ class Sweep:
         history = pd.DataFrame(self.history) if self.history else None
         out = self.local_dir if self.dir.is_local else Path(tempfile.mkdtemp(prefix="amtl-lb-"))
         hparams = hparam_columns(trials)
-        methods = load_space(self.o.compared, Path(self.o.space) if self.o.space else None).methods
+        space = load_space(self.o.compared, Path(self.o.space) if self.o.space else None)
+        methods = space.methods
         note = ("Joint search (--search joint): the method was one more searched choice, so the methods received "
                 "unequal budgets (see trials, epochs); --search per-method gives each the same."
                 if self.o.search == "joint" and len(methods) > 1 else "")
-        board = write_outputs(trials[trials["phase"] != "potentials"], history, out, hparams, methods=methods,
-                              note=note)
+        compared = trials[trials["phase"] != "potentials"]
+        board = write_outputs(compared, history, out, hparams, methods=methods, note=note)
+        self.write_report(out, trials, history, board, hparams, note)
+        text = to_markdown(board, note)
+        if self.o.objective == "pareto":  # the search's answer is a set: the leaderboard lists it
+            from sweeps.report import pareto_markdown
+            text += "\n" + pareto_markdown(pd.read_parquet(out / "pareto.parquet"))
+            (out / "leaderboard.md").write_text(text, encoding="utf-8")
         self.dir.upload_dir(out)
-        self.say("\n" + to_markdown(board, note))
+        self.say("\n" + text)
         self.say(f"results in {self.dir.uri}")
-        if not self.o.no_wandb:
+        if not self.o.no_wandb and not self.shown_only:
             self.log_leaderboard(board, out)
         return board
 
+    def write_report(self, out: Path, trials: pd.DataFrame, history: pd.DataFrame | None, board: pd.DataFrame,
+                     hparams: list[str], note: str) -> None:
+        from sweeps.leaderboard import method_scores, paired_tests
+        from sweeps.report import winner_commands, write_report
+        from sweeps.space import load_space
+
+        space = load_space(self.o.compared, Path(self.o.space) if self.o.space else None)
+        compared = trials[trials["phase"] != "potentials"]
+        potentials = (self.state.get("potentials") or {}).get("potentials")
+        # The saved options as they are (a --report shows the file the sweep ran with).
+        options_text = (self.dir.read_bytes(CONFIG_FILE).decode() if self.dir.exists(CONFIG_FILE)
+                        else config_yaml(self.o))
+        winner = winner_commands(board, compared, self.o.train, self.dir.uri_of(CONFIG_FILE), potentials,
+                                 skip=SET_BY_SWEEP)
+        path = write_report(out, trials, history, board, paired_tests(method_scores(compared, hparams)), hparams,
+                            space, f"Sweep '{self.o.name}'", options_text, winner, note)
+        self.say(f"[sweep] report: {self.dir.uri_of(path.name)}")
+
     def log_leaderboard(self, board: pd.DataFrame, out: Path) -> None:
         from sweeps.tracking import log_leaderboard, resolve_mode
-        images = {name: out / f"{name}.png" for name in ("leaderboard", "weights") if (out / f"{name}.png").exists()}
-        rows = json.loads(board.to_json(orient="records"))
+        from sweeps.report import PLOTS, TABLES
+
+        def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+            return json.loads(frame.to_json(orient="records"))
+
+        images = {Path(name).stem: out / name for name in (*PLOTS, "weights.png") if (out / name).exists()}
+        tables = {Path(name).stem: records(pd.read_parquet(out / name)) for name in TABLES if (out / name).exists()}
         log_leaderboard(project=self.o.wandb_project, entity=self.o.wandb_entity, group=self.o.name,
-                        directory=str(self.local_dir / "wandb"), mode=resolve_mode(), rows=rows, images=images)
+                        directory=str(self.local_dir / "wandb"), mode=resolve_mode(), rows=records(board),
+                        images=images, tables=tables, page=out / "report.html")
 
 
 #: Trainer options a search may change for every method: a column each in ``trials.parquet``.
 SHARED_COLUMNS = names_with(TrainConfig, "searchable")
+
+
+def best_configs(rows: Sequence[dict[str, Any]], o: SweepOptions) -> dict[str, dict[str, Any]]:
+    """Each method's best finished search trial, the one its seeds phase reruns: by the objective;
+    with ``--objective pareto``, of the method's trials that none of its others beats on every task's
+    val KPI, the one with the best val Delta-m (ties: the earlier trial)."""
+    metrics, modes = o.objectives
+    metric, mode = ("val_delta_m", "min") if len(metrics) > 1 else (metrics[0], modes[0])
+    done = [r for r in rows if r["phase"] == "search" and r["status"] == "TERMINATED" and _finite(r.get(metric))
+            and all(_finite(r.get(m)) for m in metrics)]
+    best: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in done):
+        mine = [r for r in done if r["method"] == method]
+        if len(metrics) > 1:
+            from sweeps.report import pareto_mask
+            on_front = pareto_mask(np.array([[r[m] for m in metrics] for r in mine], dtype=float))
+            mine = [r for r, keep in zip(mine, on_front) if keep]
+        sign = 1.0 if mode == "min" else -1.0
+        best[method] = min(mine, key=lambda r: sign * r[metric])
+    return best
 
 
 def hparam_columns(trials: pd.DataFrame) -> list[str]:
@@ -531,7 +638,8 @@ def collect(grid: Any, phase: str, train_storage: str | None = None) -> tuple[li
         for key in SHARED_COLUMNS:
             row[key] = train.get(key)
         for key, value in metrics.items():
-            if key in ("val_delta_m", "test_delta_m") or key.startswith(("val/", "test/", "kpi/", "weight/")):
+            if key in ("val_delta_m", "test_delta_m") or key.startswith(("val/", "test/", "kpi/", "weight/",
+                                                                           TASK_DELTA_PREFIX)):
                 row[key] = value
         rows.append(row)
         frame = _train_history(train_storage, trial_id)
@@ -553,8 +661,6 @@ def _train_history(train_storage: str | None, trial_id: str) -> pd.DataFrame | N
     """Metrics of every checkpoint of the trial's Ray Train run (one per epoch), None without one."""
     if train_storage is None:
         return None
-    import logging
-
     from ray.train import Result
     train_log = logging.getLogger("ray.train")
     level = train_log.level
@@ -582,6 +688,49 @@ def trials_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return (text[-1] if text else type(error).__name__)[:500]
+
+
+def stored_options(options: SweepOptions) -> SweepOptions:
+    """The options sweep ``options.name`` was run with (its ``sweep.yaml``), with this call's storage,
+    name and W&B options; ``options`` itself for a sweep saved before it kept the file."""
+    from amtl.options import OptionsError, read_yaml
+    sweep = Storage(Storage(options.storage).uri_of(options.name))
+    if not sweep.exists(CONFIG_FILE):
+        return options
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_FILE
+        path.write_bytes(sweep.read_bytes(CONFIG_FILE))
+        try:
+            values = read_yaml(path, SweepOptions)
+        except OptionsError as err:
+            raise SweepError(f"the saved options '{sweep.uri_of(CONFIG_FILE)}' are unreadable ({err}); restore the "
+                             f"file, or run --report with the sweep's options on the command line") from None
+    kept = {k: getattr(options, k) for k in ("storage", "name", "no_wandb", "wandb_project", "wandb_entity", "verbose")}
+    return replace(SweepOptions.of(**values), **kept, report=True)
+
+
+def report(options: SweepOptions, say: Callable[[str], None] = print) -> pd.DataFrame:
+    """``--report``: rebuild every output of sweep ``options.name`` from its stored results and return
+    its leaderboard. No Ray, no training; its own saved options say what it compared."""
+    from amtl import plugins
+    from sweeps import lock
+
+    storage = Storage(options.storage)
+    if not storage.exists(options.name, STATE):
+        raise SweepError(f"no sweep '{options.name}' in '{storage.uri}' to report on; check --name and --storage")
+    o = stored_options(options)
+    plugins.load_all(o.train.plugins)  # its methods and tasks may be a plugin's
+    held = lock.acquire(storage, o.name)  # not while a driver writes the same files
+    try:
+        sweep = Sweep(o, say)
+        sweep.state = read_state(sweep.dir)
+        sweep.load_results()
+        if not sweep.rows:
+            raise SweepError(f"sweep '{o.name}' has no finished trial yet; run it (the same command continues it)")
+        say(f"[report] rebuilding the outputs of '{o.name}' from its stored results")
+        return sweep.finish()
+    finally:
+        held.release()
 
 
 def run(options: SweepOptions, say: Callable[[str], None] = print) -> pd.DataFrame:

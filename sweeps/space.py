@@ -151,6 +151,15 @@ class Dist:
             return trial.suggest_int(name, int(self.low), int(self.high), step=self.step, log=self.log)
         return trial.suggest_float(name, float(self.low), float(self.high), log=self.log)
 
+    def optuna(self) -> "optuna.distributions.BaseDistribution":
+        """Optuna's object for the same distribution (a study rebuilt from stored trials uses it)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        if self.distribution == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.distribution == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=self.step)
+        return FloatDistribution(float(self.low), float(self.high), log=self.log)
+
     def contains(self, value: Any) -> bool:
         """Whether ``value`` could have been suggested (used by tests and sanity checks)."""
         if self.distribution == "categorical":
@@ -551,17 +560,19 @@ def make_sampler(seed: int | None, n_startup_trials: int = 10) -> "optuna.sample
                                           n_startup_trials=n_startup_trials, constant_liar=True)
 
 
-def make_searcher(space: SearchSpace, metric: str, mode: str, seed: int | None,
+def make_searcher(space: SearchSpace, metric: str | list[str], mode: str | list[str], seed: int | None,
                   storage_url: str | None = None, study_name: str = "amtl-sweep", *,
                   n_startup_trials: int = 10) -> "OptunaSearch":
-    """Ray Tune's ``OptunaSearch`` over ``space`` with a seeded TPE sampler.
+    """Ray Tune's ``OptunaSearch`` over ``space`` with a seeded TPE sampler; with lists of metrics
+    and modes, a multi-objective study (TPE is Optuna's multi-objective TPE then).
 
     ``storage_url`` is any SQLAlchemy URL (``sqlite:///path/optuna.db``, ``postgresql://...``);
     a study of that name already there is loaded and continued. ``None`` keeps the study in memory.
     """
     from sweeps.optuna_search import ResumableOptunaSearch
 
-    if mode not in ("min", "max"):
+    modes = mode if isinstance(mode, list) else [mode]
+    if any(m not in ("min", "max") for m in modes):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     sampler = make_sampler(seed, n_startup_trials)
     storage = None

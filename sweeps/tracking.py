@@ -553,13 +553,26 @@ class TrialLogger:
         self.finish()
 
 
+def _wandb_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """A ``wandb.Table`` of ``rows`` (columns: the union of their keys in first-seen order; dicts and
+    lists such as a best config are stored as JSON strings)."""
+    import wandb
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    data = [[_json_cell(row.get(c)) for c in columns] for row in rows]
+    return wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+
+
 def log_leaderboard(project: str, entity: str | None, group: str | None, directory: str | Path, mode: str | None,
-                    rows: list[dict[str, Any]], images: Mapping[str, Path] | None = None) -> Path | None:
+                    rows: list[dict[str, Any]], images: Mapping[str, Path] | None = None,
+                    tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                    page: Path | None = None) -> Path | None:
     """Log the sweep's leaderboard as a run of job type ``leaderboard``.
 
-    ``rows`` become the ``leaderboard`` table (columns: union of the rows' keys in first-seen
-    order; dicts and lists such as the best config are stored as JSON strings); every image in
-    ``images`` is logged under its name. Returns the run's folder, None when nothing was logged.
+    ``rows`` become the ``leaderboard`` table, each of ``tables`` (e.g. ``significance``, ``pareto``)
+    a table of its name; every image in ``images`` is logged under its name, and ``page`` (the
+    report) as an HTML panel ``report``. Returns the run's folder, None when nothing was logged.
     """
     columns: list[str] = []
     for row in rows:
@@ -572,14 +585,16 @@ def log_leaderboard(project: str, entity: str | None, group: str | None, directo
     try:
         import wandb
 
-        data = [[_json_cell(row.get(c)) for c in columns] for row in rows]
-        logger.log({"leaderboard": wandb.Table(columns=columns, data=data, allow_mixed_types=True)})
+        logger.log({"leaderboard": _wandb_table(rows),
+                    **{name: _wandb_table(table) for name, table in (tables or {}).items() if table}})
         media = {}
         for name, path in (images or {}).items():
             if Path(path).is_file():
                 media[name] = wandb.Image(str(path))
             else:
                 log.warning("leaderboard image %s not found at %s; skipped", name, path)
+        if page is not None and Path(page).is_file():
+            media["report"] = wandb.Html(str(page))
         if media:
             logger.log(media)
     except Exception as e:

@@ -42,7 +42,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
     store = root / "store"
     (store / "old").mkdir(parents=True)
-    (store / "old" / "state.json").write_text('{"done": ["potentials", "search"], "options": {}}')
+    (store / "old" / "state.json").write_text('{"done": ["potentials", "search"], '
+                                              '"options": {"samples": 99, "train": {"epochs": 7}}}')
     pd.DataFrame({"trial_id": ["a"], "phase": ["search"], "status": ["TERMINATED"]}).to_parquet(
         store / "old" / "trials.parquet")
     (store / "old" / "notes.txt").write_text("hours of work")
@@ -183,8 +184,13 @@ CASES = [
     ("space-out-of-range", "--space {spaces}/out-of-range.yaml", r"lr"),
     ("optuna-url", "--optuna-storage not-a-url", r"--optuna-storage is not a SQLAlchemy URL"),
     ("storage-is-a-file", "--storage {as_file}/sub", r"cannot write to storage"),
-    ("existing-sweep", "--name old", r"sweep 'old' already exists .* pass --resume"),
+    ("existing-sweep-other-options", "--name old",
+     r"sweep 'old' in '.*' was run with other options \(samples: 99 -> 6; epochs: 7 -> 3\); run it with its "
+     r"own \(--config .*/old/sweep\.yaml\), or choose another --name for these$"),
     ("nothing-to-resume", "--name never-ran --resume", r"no sweep 'never-ran' to resume"),
+    ("pareto-and-kpi", "--objective pareto --kpi depth", r"--objective pareto and --kpi depth both choose .* drop one"),
+    ("pareto-one-task", "--objective pareto --tasks depth", r"--objective pareto needs two or more --tasks"),
+    ("nothing-to-report", "--name never-ran --report", r"no sweep 'never-ran' in '.*' to report on; check --name"),
     ("corrupt-potentials", "--storage {corrupt}", r"potentials file .* is unreadable .* --recompute-potentials"),
     ("foreign-potentials", "--storage {foreign}", r"potentials file .* lacks columns .* --recompute-potentials"),
     ("nan-cpus", "--cpus-per-trial nan", r"--cpus-per-trial must be > 0 and finite, got nan"),
@@ -228,7 +234,7 @@ CASES = [
      r"\(cp '.*truncated-state/state\.json\.bak' '.*truncated-state/state\.json'\) and rerun with --resume"),
 ]
 assert len({c[0] for c in CASES}) == len(CASES), "case names are test ids: keep them unique"
-SUBPROCESS = {"unknown-method", "existing-sweep"}
+SUBPROCESS = {"unknown-method", "existing-sweep-other-options"}
 
 
 def _argv(template: str | tuple[str, ...], world: dict, *extra: str) -> list[str]:
@@ -304,8 +310,8 @@ def test_bad_input_as_real_processes(world):
 
 
 # Requests no node of the embedded cluster (this machine) can hold: without --address, so no
-# unreachable address stops a case that wrongly passed; "--name old" (an existing sweep, no --resume)
-# does instead, later in the checks, with another message.
+# unreachable address stops a case that wrongly passed; "--name old" (an existing sweep run with other
+# options) does instead, later in the checks, with another message.
 EMBEDDED_CASES = [
     ("cpus-beyond-machine", "--cpus-per-trial 1000",
      r"one trial needs 1000 CPU on one node, but this machine \(the embedded Ray cluster's only node\) has \d+; "

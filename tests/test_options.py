@@ -7,7 +7,7 @@ import yaml
 
 import run_sweep
 from amtl import train
-from amtl.options import OptionsError, names_with, options, read_yaml, to_yaml
+from amtl.options import OptionsError, names_with, options, read_yaml, to_flags, to_yaml
 from amtl.trainer import TrainConfig
 from sweeps.runner import SweepOptions, config_yaml
 
@@ -42,6 +42,18 @@ def test_the_command_line_reads_back_into_the_dataclass():
     assert config.hparams == {"focusing": 3} and config.potentials == {"depth": 0.5}
     options, _ = run_sweep.parse_options(["--methods", "ew,amtl+pcgrad", "--no-wandb", "--max-concurrent", "3"])
     assert options == replace(SweepOptions(), methods=["ew", "amtl+pcgrad"], no_wandb=True, max_concurrent=3)
+
+
+def test_flags_written_for_options_read_back_into_the_same_options():
+    config = replace(TrainConfig(), tasks=("depth", "normal"), amp=False, lr=0.1, steps_per_epoch=7, seed=3,
+                     dataset="multifashion", augment=True)
+    flags = to_flags(config, skip=("hparams", "potentials"))
+    assert "--no-amp" in flags and "--augment" in flags and "--out" not in flags
+    assert train.config_from_args(train.build_parser().parse_args(["--out", "x", *flags])) == config
+    assert to_flags(TrainConfig()) == []  # defaults need no flag
+    sweep = replace(SweepOptions(), methods=["ew", "dwa"], samples=9, objective="pareto", no_wandb=True,
+                    train=replace(TrainConfig(), epochs=2, tasks=("segmentation", "depth")))
+    assert run_sweep.parse_options(to_flags(sweep))[0] == sweep
 
 
 def test_a_sweep_takes_every_training_option_from_the_one_train_config():

@@ -1,8 +1,15 @@
 """End-to-end sweeps on a real local Ray cluster, real Optuna and real W&B offline runs."""
+import dataclasses
+import io
 import json
+import re
+import shutil
+import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from amtl.tasks import delta_m, directions, make_task
 from sweeps.runner import SweepOptions, run
@@ -103,6 +110,16 @@ def test_wandb_offline_runs_hold_history_and_the_leaderboard_table(sweep):
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [row["method"] for row in rows] == ["amtl"]
     assert rows[0]["test_delta_m_mean"] == pytest.approx(sweep["board"]["test_delta_m_mean"].iloc[0])
+    # The report's tables and plots too (one method: no pair to test, so no significance table).
+    board_run = by_type["leaderboard"][0]
+    pareto = board_run.tables["pareto"]
+    assert sorted(dict(zip(pareto["columns"], row))["trial_id"] for row in pareto["data"]) == \
+        sorted(pd.read_parquet(sweep["dir"] / "pareto.parquet")["trial_id"])
+    assert "compute" in board_run.tables
+    media = " ".join(board_run.files)
+    for name in ("leaderboard", "tradeoffs", "pareto", "weights_by_method"):
+        assert f"media/images/{name}_" in media, (name, board_run.files)
+    assert "media/html/report_" in media
 
 
 def test_every_trial_of_every_phase_gets_a_complete_spec_from_its_phase(sweep):
@@ -167,8 +184,8 @@ def test_a_running_sweep_says_each_trial_event_and_its_phases_progress(sweep):
         progress = [m for m in messages if m.startswith(f"[{phase}] ") and " trials done, " in m]
         assert len(progress) == n and progress[-1].startswith(f"[{phase}] {n}/{n} trials done, 0 running")
         assert all("left" in m for m in progress[:-1])  # an ETA until the last
-    search = [m for m in messages if m.startswith("[search] ") and " epoch " in m]
-    assert all(m.split("val_delta_m ")[1] for m in search)
+    search = [m for m in messages if re.match(r"\[search\] \S+ epoch \d+: ", m)]
+    assert search and all(re.search(r"val_delta_m -?\d", m) for m in search), search
     table = (sweep["dir"] / "tune.log").read_text()
     assert "== Status ==" in table and "Trial name" in table
     assert not any("== Status ==" in m or "Trial name" in m for m in messages)
@@ -191,8 +208,8 @@ def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep
     before = pd.read_parquet(storage / "second" / "trials.parquet")
     assert set(before["phase"]) == {"search"}
 
-    with pytest.raises(ValueError, match="already exists.*--resume"):
-        run(options, say=lambda m: None)
+    with pytest.raises(ValueError, match=r"sweep 'second' in .* was run with other options \(seeds: 1 -> 3\)"):
+        run(dataclasses.replace(options, seeds=3), say=lambda m: None)
     # The resume goes through the Python API, as from a notebook: checked options, the leaderboard back.
     import sweeps
     with pytest.raises(ValueError, match="--samples must be at least 1"):
@@ -209,6 +226,16 @@ def test_interrupted_sweep_resumes_without_rerunning_and_reuses_potentials(sweep
     pd.testing.assert_frame_equal(search_after, before.sort_values("trial_id").reset_index(drop=True),
                                   check_like=True)
     assert (after["phase"] == "seeds").sum() == 1 and after["trial_id"].is_unique
+
+
+def test_running_a_finished_sweep_again_shows_its_results_and_trains_nothing(sweep):
+    before = trials(sweep)
+    messages = []
+    board = run(sweep["options"], say=messages.append)
+    assert any(m.startswith("[sweep] 'first' is finished with these options") for m in messages)
+    assert not any(" started: " in m for m in messages)  # no trial ran
+    pd.testing.assert_frame_equal(trials(sweep), before)
+    pd.testing.assert_frame_equal(board, sweep["board"])
 
 
 def test_two_workers_per_trial_follow_one_worker(ray_cluster, tmp_path):
@@ -236,3 +263,87 @@ def test_two_workers_per_trial_follow_one_worker(ray_cluster, tmp_path):
     assert len(compared) == 10
     for key in compared:
         assert final[2][key] == pytest.approx(final[1][key], rel=2e-3, abs=2e-3), key
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    """Debian's Chromium, headless (as root it needs --no-sandbox); .ci/run installs it."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert binary, "the report test needs Chromium: apt-get install chromium (.ci/run installs it)"
+    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1280,1000", "--virtual-time-budget=5000", *args],
+                          capture_output=True, text=True, timeout=180, check=True)
+
+
+def test_the_report_renders_in_a_real_browser_and_shows_the_leaderboard(sweep, tmp_path):
+    page = (sweep["dir"] / "report.html").as_uri()
+    dom = chromium("--dump-dom", page).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    data = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+    # Every plot is an embedded image the browser decoded: leaderboard, trade-offs, Pareto, the
+    # search's parallel coordinates, the weights of the method's best trial.
+    assert int(data["images"]) == 5 and data["images-decoded"] == data["images"]
+    board = pd.read_html(io.StringIO(dom), attrs={"id": "leaderboard"})[0]
+    assert list(board["method"]) == list(sweep["board"]["method"])
+    # The screenshot is not blank, and where the browser laid out the leaderboard there is its text.
+    chromium(f"--screenshot={tmp_path / 'shot.png'}", page)
+    with Image.open(tmp_path / "shot.png") as shot:
+        pixels = np.asarray(shot.convert("L"), dtype=float)
+    left, top, right, bottom = map(int, data["leaderboard-box"].split(","))
+    assert 0 <= top < bottom <= pixels.shape[0] and right - left > 200
+    table = pixels[top:bottom, left:right]
+    assert (table < 128).mean() > 0.02  # dark text and borders, on white
+    assert (pixels < 250).mean() > 0.05
+
+
+def test_the_pareto_set_of_the_sweep_is_its_non_dominated_finished_search_trials(sweep):
+    rows = trials(sweep)
+    done = rows[(rows["status"] == "TERMINATED") & (rows["phase"] == "search")]
+    points = done[[f"kpi/{t}" for t in sorted(TASKS)]].to_numpy(float)
+    front = pd.read_parquet(sweep["dir"] / "pareto.parquet")
+    on = done["trial_id"].isin(front["trial_id"]).to_numpy()
+    assert on.any()
+    for i, p in enumerate(points):
+        beaten = ((points >= p).all(axis=1) & (points > p).any(axis=1)).any()
+        assert beaten != on[i], done["trial_id"].iloc[i]
+
+
+def test_report_rebuilds_every_output_from_the_stored_results(sweep):
+    import run_sweep
+    outputs = sorted(p for p in sweep["dir"].iterdir() if p.suffix in (".html", ".png", ".md"))
+    assert {"report.html", "leaderboard.md", "significance.md", "tradeoffs.png", "pareto.png"} <= \
+        {p.name for p in outputs}
+    before = {p.name: p.read_bytes() for p in outputs}
+    rows = trials(sweep)
+    for p in outputs:
+        p.unlink()
+    code = run_sweep.main(["--storage", str(sweep["storage"]), "--name", "first", "--report", "--no-wandb"])
+    assert code == 0
+    assert {p.name: p.read_bytes() for p in outputs} == before  # the same bytes, plots included
+    pd.testing.assert_frame_equal(trials(sweep), rows)  # nothing trained
+
+
+def test_a_pareto_search_optimises_every_tasks_kpi_and_lists_its_pareto_set(ray_cluster, tmp_path):
+    """--objective pareto: Optuna's study has one maximised objective per task (the val KPIs the trials
+    reported), and the seeds phase reruns the Pareto-optimal config with the best val Delta-m."""
+    import optuna
+
+    from sweeps.report import pareto_mask
+    options = SweepOptions.of(methods=["ew"], samples=4, seeds=1, objective="pareto", storage=str(tmp_path),
+                              name="pareto", no_wandb=True, **{**TINY, "epochs": 1})
+    messages = []
+    run(options, say=messages.append)
+    assert any("objective Pareto front of kpi/segmentation, kpi/depth (max)" in m for m in messages)
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path / 'pareto' / 'optuna.db'}")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2
+    rows = pd.read_parquet(tmp_path / "pareto" / "trials.parquet")
+    search = rows[(rows["phase"] == "search") & (rows["status"] == "TERMINATED")].reset_index(drop=True)
+    kpis = search[["kpi/segmentation", "kpi/depth"]].to_numpy(float)
+    told = sorted(tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert told == sorted(map(tuple, kpis.tolist())) and len(told) == 4
+    front = search[pareto_mask(kpis)]
+    chosen = front.sort_values("val_delta_m").iloc[0]
+    seeds = rows[rows["phase"] == "seeds"]
+    assert list(seeds["searched"]) == [chosen["searched"]]
+    board = (tmp_path / "pareto" / "leaderboard.md").read_text()
+    assert f"Pareto set: {len(front)} search trial(s)" in board
+    assert sorted(pd.read_parquet(tmp_path / "pareto" / "pareto.parquet")["trial_id"]) == sorted(front["trial_id"])
