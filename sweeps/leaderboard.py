@@ -344,7 +344,7 @@ def _task_score_columns(lb: pd.DataFrame) -> list[str]:
     return [c for c in lb.columns if c.startswith(("test/", "kpi/")) and not c.endswith(CI_SUFFIX)]
 
 
-def _mean_ci(mean: Any, ci: Any, digits: int) -> str:
+def mean_ci_text(mean: Any, ci: Any, digits: int) -> str:
     if is_missing(mean):
         return "-"
     return f"{mean:.{digits}f} ± " + ("n/a" if is_missing(ci) else f"{ci:.{digits}f}")
@@ -365,12 +365,12 @@ def to_markdown(lb: pd.DataFrame, note: str = "") -> str:
               "trials", "failed", "epochs", "compute s", "best config"]
     body: list[list[str]] = []
     for _, r in lb.iterrows():
-        dm = _mean_ci(r["test_delta_m_mean"], r["test_delta_m_ci95"], 2)
+        dm = mean_ci_text(r["test_delta_m_mean"], r["test_delta_m_ci95"], 2)
         cfg = f"`{r['best_config']}`" if not is_missing(r["best_config"]) else "-"
         if not is_missing(r.get("note")) and r.get("note"):
             cfg = f"({r['note']})"
         body.append([fmt_cell(r["rank"]), str(r["method"]), dm, fmt_cell(r["val_delta_m_mean"]), fmt_cell(r["n_seeds"]),
-                     *(_mean_ci(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), fmt_cell(r["trials"]),
+                     *(mean_ci_text(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), fmt_cell(r["trials"]),
                      fmt_cell(r["failed"]), fmt_cell(r.get("epochs")), fmt_cell(r.get("compute_seconds"), 0), cfg])
     table = markdown_table(header, body, numeric={0, 2, 3, 4, *range(5, 9 + len(task_cols))})
     legend = ("Δm: Delta-m on test in %, lower is better. ci95: half-width of the 95% t-interval over seeds "

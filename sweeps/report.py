@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import shlex
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from sweeps.leaderboard import (CI_SUFFIX, FAILED_STATUS, OK_STATUS, agg_figure, atomic_write, config_json, fmt_cell,
-                                is_missing, markdown_table, save_png, task_label, weights_trial_of)
+                                is_missing, markdown_table, mean_ci_text, save_png, task_label, weights_trial_of)
 from sweeps.trial import TASK_DELTA_PREFIX
 
 #: The page's plots, by file name, in the order the page shows them.
@@ -46,8 +47,8 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     points = np.asarray(points, dtype=float)
     finite = ~np.isnan(points).any(axis=1)
     mask = finite.copy()
+    others = points[finite]
     for i in np.flatnonzero(finite):
-        others = points[finite]
         dominated = np.any(np.all(others >= points[i], axis=1) & np.any(others > points[i], axis=1))
         mask[i] = not dominated
     return mask
@@ -57,7 +58,7 @@ def _kpi_columns(trials: pd.DataFrame) -> list[str]:
     return sorted(c for c in trials.columns if c.startswith("kpi/") and trials[c].notna().any())
 
 
-def _compared_trials(trials: pd.DataFrame) -> pd.DataFrame:
+def _finished_search_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """Finished search trials with every val KPI: the configurations the search tried (the seeds
     phase reruns some of them with other seeds; those runs would add seed noise, not configurations)."""
     kpis = _kpi_columns(trials)
@@ -74,7 +75,7 @@ def pareto_set(trials: pd.DataFrame, hparam_columns: Sequence[str]) -> pd.DataFr
     Columns: ``method``, ``trial_id``, ``phase``, ``seed``, the ``kpi/<task>`` values, ``test_delta_m``
     and ``config`` (its hyperparameters as JSON); sorted by method, then trial.
     """
-    rows = _compared_trials(trials)
+    rows = _finished_search_trials(trials)
     kpis = _kpi_columns(trials)
     columns = ["method", "trial_id", "phase", "seed", *kpis, "test_delta_m", "config"]
     if rows.empty:
@@ -138,7 +139,7 @@ def plot_tradeoffs(lb: pd.DataFrame, path: str | Path) -> bool:
 def plot_pareto(trials: pd.DataFrame, path: str | Path) -> bool:
     """``pareto.png``: for every pair of tasks, the finished search trials' val KPIs by method, the pair's
     Pareto front as a line, and the trials on the all-task Pareto set circled. False with under 2 tasks."""
-    rows = _compared_trials(trials)
+    rows = _finished_search_trials(trials)
     kpis = _kpi_columns(trials)
     if len(kpis) < 2 or rows.empty:
         return False
@@ -367,13 +368,11 @@ def failed_table(trials: pd.DataFrame) -> pd.DataFrame:
 # -- the winner -----------------------------------------------------------------------------
 def winner_commands(lb: pd.DataFrame, trials: pd.DataFrame, train: Any, sweep_config: str,
                     potentials: Mapping[str, float] | None, skip: Sequence[str] = ()) -> dict[str, str]:
-    """The winner (best mean among rank 1) and two commands: the whole sweep again from its saved
-    options (``sweep_config``), and its best trial alone with ``amtl.train``: the sweep's training
-    options ``train`` (a TrainConfig; ``skip`` names those the sweep sets itself) with the trial's
-    searched options, seed and hyperparameters, and the potentials when the method reads them. Empty without a
-    scored method."""
-    from dataclasses import fields, replace
-
+    """The winner (best mean among rank 1), the methods that share its rank, and two commands: the
+    whole sweep again from its saved options (``sweep_config``), and its best trial alone with
+    ``amtl.train``: the sweep's training options ``train`` (a TrainConfig; ``skip`` names those the
+    sweep sets itself) with the trial's searched options, seed and hyperparameters, and the
+    potentials when the method reads them. Empty without a scored method."""
     from amtl.balancers.method import context_keys
     from amtl.options import to_flags
     scored = lb[lb["test_delta_m_mean"].notna()]
@@ -427,23 +426,18 @@ def _image(path: Path, alt: str) -> str:
 
 def _leaderboard_view(lb: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard as a reader wants it: one "mean ± ci" cell per score, the budget, the note."""
-    def cell(mean: Any, ci: Any, digits: int) -> str:
-        if is_missing(mean):
-            return "-"
-        return f"{mean:.{digits}f} ± " + ("n/a" if is_missing(ci) else f"{ci:.{digits}f}")
-
     view = pd.DataFrame({"rank": lb["rank"].astype(object).where(lb["rank"].notna(), "-"), "method": lb["method"],
-                         "test Δm %": [cell(m, c, 2) for m, c in zip(lb["test_delta_m_mean"], lb["test_delta_m_ci95"])],
-                         "val Δm %": [cell(m, None, 2).split(" ±")[0] for m in lb["val_delta_m_mean"]],
-                         "seeds": lb["n_seeds"]})
+                         "test Δm %": [mean_ci_text(m, c, 2) for m, c in zip(lb["test_delta_m_mean"],
+                                                                              lb["test_delta_m_ci95"])],
+                         "val Δm %": [fmt_cell(m) for m in lb["val_delta_m_mean"]], "seeds": lb["n_seeds"]})
     for col in [c for c in lb.columns if c.startswith(("test/", "kpi/", TASK_DELTA_PREFIX))
                 and not c.endswith(CI_SUFFIX)]:
         label = f"{col[len(TASK_DELTA_PREFIX):]} Δm %" if col.startswith(TASK_DELTA_PREFIX) else task_label(col)
-        view[label] = [cell(m, c, 2 if col.startswith(TASK_DELTA_PREFIX) else 4)
+        view[label] = [mean_ci_text(m, c, 2 if col.startswith(TASK_DELTA_PREFIX) else 4)
                        for m, c in zip(lb[col], lb[col + CI_SUFFIX])]
-    for col, label in (("trials", "trials"), ("failed", "failed"), ("epochs", "epochs"),
-                       ("compute_seconds", "compute s")):
+    for col, label in (("trials", "trials"), ("failed", "failed"), ("epochs", "epochs")):
         view[label] = lb[col]
+    view["compute s"] = [fmt_cell(v, 0) for v in lb["compute_seconds"]]
     if lb["note"].fillna("").astype(str).str.len().any():
         view["why unscored"] = lb["note"].fillna("")
     return view

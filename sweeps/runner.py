@@ -527,12 +527,13 @@ class Sweep:
                 if self.o.search == "joint" and len(methods) > 1 else "")
         compared = trials[trials["phase"] != "potentials"]
         board = write_outputs(compared, history, out, hparams, methods=methods, note=note)
-        self.write_report(out, trials, history, board, hparams, note)
+        self.write_report(out, trials, history, board, hparams, space, note)
         text = to_markdown(board, note)
         if self.o.objective == "pareto":  # the search's answer is a set: the leaderboard lists it
+            from sweeps.leaderboard import atomic_write
             from sweeps.report import pareto_markdown
             text += "\n" + pareto_markdown(pd.read_parquet(out / "pareto.parquet"))
-            (out / "leaderboard.md").write_text(text, encoding="utf-8")
+            atomic_write(out / "leaderboard.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self.dir.upload_dir(out)
         self.say("\n" + text)
         self.say(f"results in {self.dir.uri}")
@@ -541,12 +542,10 @@ class Sweep:
         return board
 
     def write_report(self, out: Path, trials: pd.DataFrame, history: pd.DataFrame | None, board: pd.DataFrame,
-                     hparams: list[str], note: str) -> None:
+                     hparams: list[str], space: Any, note: str) -> None:
         from sweeps.leaderboard import method_scores, paired_tests
         from sweeps.report import winner_commands, write_report
-        from sweeps.space import load_space
 
-        space = load_space(self.o.compared, Path(self.o.space) if self.o.space else None)
         compared = trials[trials["phase"] != "potentials"]
         potentials = (self.state.get("potentials") or {}).get("potentials")
         # The saved options as they are (a --report shows the file the sweep ran with).
