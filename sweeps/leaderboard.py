@@ -429,13 +429,9 @@ def save_png(fig: Figure, path: str | Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata=_PNG_META))
 
 
-def plot_leaderboard(lb: pd.DataFrame, trials: pd.DataFrame | None, path: str | Path) -> None:
-    """``leaderboard.png``: test Delta-m mean ± ci95 per method (left) and per-task KPIs (right).
-
-    ``trials`` is accepted for callers that pass it; the plot reads only ``lb`` so it shows exactly
-    the numbers of the table.
-    """
-    del trials
+def plot_leaderboard(lb: pd.DataFrame, path: str | Path) -> None:
+    """``leaderboard.png``: test Delta-m mean ± ci95 per method (left) and per-task KPIs (right),
+    from ``lb`` alone, so it shows exactly the numbers of the table."""
     task_cols = _task_score_columns(lb)
     n = max(len(lb), 1)
     fig = agg_figure(13 if task_cols else 7, 1.2 + 0.45 * n)
@@ -577,7 +573,7 @@ def write_outputs(trials: pd.DataFrame, history: pd.DataFrame | None, out_dir: s
     atomic_write(out / "significance.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
     significance = significance_markdown(pairs)
     atomic_write(out / "significance.md", lambda tmp: tmp.write_text(significance, encoding="utf-8"))
-    plot_leaderboard(lb, trials, out / "leaderboard.png")
+    plot_leaderboard(lb, out / "leaderboard.png")
     pick = _weights_trial(lb, trials, history) if history is not None else None
     if pick is not None:
         plot_weights(history, pick[0], out / "weights.png", method=pick[1])

@@ -240,8 +240,8 @@ def test_markdown_lists_every_method():
 def test_png_outputs_non_trivial_and_deterministic(tmp_path):
     trials, hist = sweep_tables()
     lb = build_leaderboard(trials, HP)
-    plot_leaderboard(lb, trials, tmp_path / "a.png")
-    plot_leaderboard(lb, trials, tmp_path / "b.png")
+    plot_leaderboard(lb, tmp_path / "a.png")
+    plot_leaderboard(lb, tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     plot_weights(hist, "amtl-s0", tmp_path / "w.png")
     for name in ["a.png", "w.png"]:
