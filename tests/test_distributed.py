@@ -35,6 +35,8 @@ def _cases() -> dict[str, tuple[str, dict]]:
 
 
 CASES = _cases()
+#: Methods whose result moves far more than EW's under float32 rounding, and their parameter bound.
+AMPLIFIES_ROUNDING = {"gls": 1e-3, "amtl": 1e-3, "db-mtl": 1e-3, "moco": 3e-3}
 
 
 def config(balancer: str, hparams: dict) -> TrainConfig:
@@ -120,15 +122,20 @@ def _leaves(state) -> list:
     return [state] if isinstance(state, (torch.Tensor, int, float)) and not isinstance(state, bool) else []
 
 
-def _assert_same_state(a, b, rtol: float, atol: float) -> None:
+def _assert_same_state(a, b, rtol: float, atol: float, of_largest: bool = False) -> None:
+    """Equal leaves; ``of_largest``: every entry within ``rtol`` of its tensor's largest magnitude
+    (an entry near zero in a rounded vector is not itself known to ``rtol``)."""
     left, right = _leaves(a), _leaves(b)
     assert len(left) == len(right)
     for x, y in zip(left, right):
         if isinstance(x, torch.Tensor) and not x.is_floating_point():
             assert torch.equal(x, y)  # generator states, step counts
+            continue
+        x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+        if of_largest:
+            assert float((x - y).abs().max()) <= rtol * float(x.abs().max()) + atol
         else:
-            torch.testing.assert_close(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64),
-                                       rtol=rtol, atol=atol)
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -140,18 +147,23 @@ def test_two_workers_equal_one_worker(case, two_workers, data):
     rank0, rank1 = (w["cases"][case] for w in two_workers)
     # Summation order differs between 1 and 2 workers: agreement to float32 rounding, relative to
     # how far each tensor moved in the two steps (an inexact reduction is off by far more: O(1)).
-    # Geometric objectives (gls, amtl) amplify rounding more: on one CPU they measured 4.2e-4 on one
-    # decoder conv against <= 1.5e-5 for arithmetic weightings, and a 1e-7 perturbation of the
-    # initial weights moved them 2.5x more than EW; hence their looser bound.
-    rtol = 1e-3 if balancer in ("gls", "amtl") else 2e-4
+    # Some methods amplify rounding: geometric objectives (gls, amtl), DB-MTL (gradients of log L)
+    # and MoCo (tracked gradients). A 1e-7 relative perturbation of the initial weights moves their
+    # parameters 5x (DB-MTL) to 24x (MoCo) more than EW's, and how far depends on the CPU's float32
+    # kernels, so they get bounds within that envelope (docs/benchmarks.md, "Data parallelism").
+    rtol = AMPLIFIES_ROUNDING.get(balancer, 2e-4)
     for a, b, s in zip(one["params"], rank0["params"], start):
         moved = float((a - s).norm())
         assert float((b - a).norm()) <= rtol * moved + 1e-6, (case, moved, float((b - a).norm()))
     for a, b in zip(rank0["params"], rank1["params"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # every rank ends with the same model
-    _assert_same_state(one["state"], rank0["state"], rtol=1e-4, atol=1e-6)
+    if balancer in AMPLIFIES_ROUNDING:  # their state (tracked gradients) carries the same amplification
+        _assert_same_state(one["state"], rank0["state"], rtol=rtol, atol=1e-6, of_largest=True)
+    else:
+        _assert_same_state(one["state"], rank0["state"], rtol=1e-4, atol=1e-6)
     _assert_same_state(rank0["state"], rank1["state"], rtol=1e-6, atol=1e-7)  # e.g. ILTP tables, GradNorm weights
-    assert rank0["weights"] == pytest.approx(one["weights"], rel=1e-4, abs=1e-6)
+    assert rank0["weights"] == pytest.approx(one["weights"], rel=1e-4 if balancer not in AMPLIFIES_ROUNDING else rtol,
+                                             abs=1e-6)
     # Threshold metrics (normals within 30 degrees) may flip a pixel: 4 of the split's 8192 pixels.
     assert rank0["val"] == pytest.approx(one["val"], rel=1e-4, abs=5e-4)
 
