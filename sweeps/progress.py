@@ -123,7 +123,9 @@ class TableLog(CLIReporter):
     """Ray Tune's status table, appended to a file every 30 s (and at the end) instead of printed."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(max_report_frequency=30)
+        # Explicitly: by default CLIReporter prints tables only at Tune's highest verbosity, read from
+        # a global that the previous run in this process left at our verbose=1 (later phases: no table).
+        super().__init__(max_report_frequency=30, print_intermediate_tables=True)
         self.path = path
 
     def _print(self, msg: str) -> None:

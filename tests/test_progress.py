@@ -64,3 +64,21 @@ def test_tune_status_tables_are_appended_to_the_log_file(tmp_path):
     reporter.report([], True, "second")
     text = log.read_text()
     assert text.index("== Status ==") < text.index("second")
+
+
+def test_the_log_gets_the_trial_table_whatever_verbosity_an_earlier_run_left(ray_cluster, tmp_path):
+    """Each phase's Tuner runs at verbose=1, which Tune keeps in a global; a reporter built after
+    the first phase still writes the trial table, not only the counts."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+    from ray.tune.utils.log import Verbosity, set_verbosity
+
+    set_verbosity(Verbosity.V1_EXPERIMENT)  # as the previous phase's run leaves it
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="search")
+    trials = [Trial("run_trial", stub=True, config={"lr": 0.001}, storage=storage)]
+    trials[0].storage.trial_dir_name = "run_trial_00000"
+    reporter = TableLog(str(tmp_path / "tune.log"))
+    reporter.setup(start_time=0, total_samples=1, metric="val_delta_m", mode="min")
+    reporter.report(trials, done=False)
+    text = (tmp_path / "tune.log").read_text()
+    assert "== Status ==" in text and "Trial name" in text and trials[0].trial_id in text
