@@ -322,16 +322,18 @@ def test_report_rebuilds_every_output_from_the_stored_results(sweep):
     pd.testing.assert_frame_equal(trials(sweep), rows)  # nothing trained
 
 
-def test_a_pareto_search_optimises_every_tasks_kpi_and_lists_its_pareto_set(ray_cluster, tmp_path):
+def test_a_pareto_search_optimises_every_tasks_kpi_and_lists_its_pareto_set(sweep):
     """--objective pareto: Optuna's study has one maximised objective per task (the val KPIs the trials
     reported), and the seeds phase reruns the Pareto-optimal config with the best val Delta-m."""
     import optuna
 
     from sweeps.report import pareto_mask
+    tmp_path = sweep["storage"]  # its potentials are this sweep's too: reused, not retrained
     options = SweepOptions.of(methods=["ew"], samples=4, seeds=1, objective="pareto", storage=str(tmp_path),
-                              name="pareto", no_wandb=True, **{**TINY, "epochs": 1})
+                              name="pareto", no_wandb=True, **TINY)
     messages = []
     run(options, say=messages.append)
+    assert any(m.startswith("[potentials] reusing") for m in messages)
     assert any("objective Pareto front of kpi/segmentation, kpi/depth (max)" in m for m in messages)
     study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path / 'pareto' / 'optuna.db'}")
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2
