@@ -38,6 +38,7 @@ class Meta:
     off_flag: str | None = None          # a bool that defaults to True: the flag that turns it off
     fingerprint: bool = False            # changes what a single-task model can reach
     searchable: bool = False             # a search space may search it
+    how_only: bool = False               # changes how a run runs, not what it computes (a rerun may change it)
     cli: bool = True                     # False: set in code or files only (e.g. a dict)
     repeatable: bool = False             # a list flag that may be given again to add more
     hide: tuple[str, ...] = ()           # a nested dataclass field: its fields the owner sets itself

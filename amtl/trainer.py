@@ -85,7 +85,7 @@ class TrainConfig:
     optimizer: str = option("adam", choices=OPTIMIZERS, fingerprint=True, searchable=True, help="optimizer")
     schedule: str = option("cosine", choices=SCHEDULES, fingerprint=True, searchable=True,
                            help="learning-rate schedule")
-    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    device: str = option("auto", how_only=True, help="auto, cpu, cuda or cuda:N")
     amp: bool = option(True, help="disable autocast on CUDA (ignored on CPU)")
     amp_dtype: str = option("bfloat16", choices=AMP_DTYPES,
                             help="autocast dtype on CUDA: bfloat16, or float16 (adds a gradient scaler)")
@@ -93,11 +93,11 @@ class TrainConfig:
                                         "searcher's seed, and the first of --seeds)")
     data_seed: int = option(0, fingerprint=True, help="which rendered dataset (kept across --seed, so seeds "
                                                       "compare like with like)")
-    num_workers: int = option(0, help="data-loader worker processes")
-    threads: int | None = option(None, help="torch CPU threads")
+    num_workers: int = option(0, how_only=True, help="data-loader worker processes")
+    threads: int | None = option(None, how_only=True, help="torch CPU threads")
     diagnose_every: int = option(0, help="gradient cosines/condition number every N steps (0: only for aggregators)")
-    log_every: int = option(20, help="steps between log lines")
-    cache_dir: str | None = option(None, help="where rendered datasets are cached")
+    log_every: int = option(20, how_only=True, help="steps between log lines")
+    cache_dir: str | None = option(None, how_only=True, help="where rendered datasets are cached")
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):

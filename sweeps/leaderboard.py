@@ -319,8 +319,8 @@ def build_leaderboard(trials: pd.DataFrame, hparam_columns: list[str],
         records.append(rec)
     columns = ["method", "rank", "n_seeds", "test_delta_m_mean", "test_delta_m_ci95", "test_delta_m_low",
                "test_delta_m_high", "val_delta_m_mean",
-               *(c for col in [*task_cols.values(), *delta_cols] for c in (col, col + CI_SUFFIX)), "best_config", "best_trial_id",
-               "scored_on", "trials", "failed", "epochs", "compute_seconds", "note"]
+               *(c for col in [*task_cols.values(), *delta_cols] for c in (col, col + CI_SUFFIX)),
+               "best_config", "best_trial_id", "scored_on", "trials", "failed", "epochs", "compute_seconds", "note"]
     if not records:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     lb = pd.DataFrame.from_records(records)
@@ -369,7 +369,8 @@ def to_markdown(lb: pd.DataFrame, note: str = "") -> str:
         cfg = f"`{r['best_config']}`" if not is_missing(r["best_config"]) else "-"
         if not is_missing(r.get("note")) and r.get("note"):
             cfg = f"({r['note']})"
-        body.append([fmt_cell(r["rank"]), str(r["method"]), dm, fmt_cell(r["val_delta_m_mean"]), fmt_cell(r["n_seeds"]),
+        body.append([fmt_cell(r["rank"]), str(r["method"]), dm, fmt_cell(r["val_delta_m_mean"]),
+                     fmt_cell(r["n_seeds"]),
                      *(mean_ci_text(r[c], r.get(c + CI_SUFFIX), 4) for c in task_cols), fmt_cell(r["trials"]),
                      fmt_cell(r["failed"]), fmt_cell(r.get("epochs")), fmt_cell(r.get("compute_seconds"), 0), cfg])
     table = markdown_table(header, body, numeric={0, 2, 3, 4, *range(5, 9 + len(task_cols))})
@@ -406,8 +407,8 @@ def significance_markdown(pairs: pd.DataFrame) -> str:
     for r in pairs.itertuples():
         verdict = (f"{r.better} better" if pd.notna(r.better) else
                    "not tested (fewer than 2 shared seeds)" if pd.isna(r.p) else "no significant difference")
-        body.append([str(r.method_a), str(r.method_b), fmt_cell(r.pairs), fmt_cell(r.mean_diff), fmt_cell(r.t), _p_value(r.p),
-                     _p_value(r.p_holm), verdict])
+        body.append([str(r.method_a), str(r.method_b), fmt_cell(r.pairs), fmt_cell(r.mean_diff), fmt_cell(r.t),
+                     _p_value(r.p), _p_value(r.p_holm), verdict])
     legend = (f"Paired two-sided t-test on test Delta-m over the seeds both methods ran (same seed: same initial "
               f"weights and batches); p-values Holm-corrected over all tested pairs; a verdict needs p (Holm) < "
               f"{ALPHA}. The leaderboard's rank is 1 + the number of methods significantly better.")
@@ -519,7 +520,8 @@ def atomic_write(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _logged_weight_trials(history: pd.DataFrame | None) -> set[str]:
+def logged_weight_trials(history: pd.DataFrame | None) -> set[str]:
+    """Ids of the trials whose history holds task weights."""
     if history is None or history.empty or "trial_id" not in history:
         return set()
     wcols = [c for c in history.columns if c.startswith("weight/")]
@@ -528,10 +530,10 @@ def _logged_weight_trials(history: pd.DataFrame | None) -> set[str]:
     return set(history.loc[history[wcols].notna().any(axis=1), "trial_id"].astype(str))
 
 
-def weights_trial_of(method: str, lb: pd.DataFrame, trials: pd.DataFrame, history: pd.DataFrame | None) -> str | None:
+def weights_trial_of(method: str, lb: pd.DataFrame, trials: pd.DataFrame, logged: set[str]) -> str | None:
     """The trial of ``method`` whose task weights to show: its scoring trial when that logged weights,
-    else its logged trial with the lowest val Delta-m; None when none logged any."""
-    logged = _logged_weight_trials(history)
+    else its logged trial with the lowest val Delta-m; None when none logged any. ``logged``: the
+    trials with weight history (:func:`logged_weight_trials`)."""
     if not logged:
         return None
     best = lb.loc[lb["method"] == method, "best_trial_id"]
@@ -548,8 +550,9 @@ def weights_trial_of(method: str, lb: pd.DataFrame, trials: pd.DataFrame, histor
 def _weights_trial(lb: pd.DataFrame, trials: pd.DataFrame, history: pd.DataFrame) -> tuple[str, str] | None:
     """The trial whose weights to plot: best-scoring ``amtl*`` method first, then any method."""
     ranked = [str(m) for m in lb["method"]]  # already best first
+    logged = logged_weight_trials(history)
     for method in [m for m in ranked if m.startswith("amtl")] + [m for m in ranked if not m.startswith("amtl")]:
-        trial = weights_trial_of(method, lb, trials, history)
+        trial = weights_trial_of(method, lb, trials, logged)
         if trial is not None:
             return trial, method
     return None

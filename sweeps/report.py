@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from sweeps.leaderboard import (CI_SUFFIX, FAILED_STATUS, OK_STATUS, agg_figure, atomic_write, config_json, fmt_cell,
-                                is_missing, markdown_table, mean_ci_text, save_png, task_label, weights_trial_of)
+                                is_missing, logged_weight_trials, markdown_table, mean_ci_text, save_png, task_label,
+                                weights_trial_of)
 from sweeps.trial import TASK_DELTA_PREFIX
 
 #: The page's plots, by file name, in the order the page shows them.
@@ -180,8 +181,9 @@ def plot_weights_by_method(lb: pd.DataFrame, trials: pd.DataFrame, history: pd.D
     weights (the method's scoring trial where it has history). Returns ``[(method, trial_id)]`` drawn."""
     from matplotlib.ticker import MaxNLocator
     picks = []
+    logged = logged_weight_trials(history)
     for method in lb["method"]:
-        trial = weights_trial_of(str(method), lb, trials, history)
+        trial = weights_trial_of(str(method), lb, trials, logged)
         if trial is not None:
             picks.append((str(method), trial))
     if not picks:

@@ -70,33 +70,38 @@ class SweepOptions:
                          help="per-method: every method gets --samples trials, its own search and its own ASHA "
                               "(equal budgets, a fair verdict); joint: the method is one more searched choice "
                               "over --samples trials in all (one best config fast; budgets differ)")
-    max_concurrent: int | None = option(None, help="trials at once (default: CPUs / cpus-per-trial)")
+    max_concurrent: int | None = option(None, how_only=True, help="trials at once (default: CPUs / cpus-per-trial)")
     workers_per_trial: int = option(1, help="DDP workers per trial")
     cpus_per_trial: float = option(1.0, help="CPUs of one trial, over its workers")
     gpus_per_trial: float = option(0.0, help="GPUs of one trial, over its workers; may be fractional")
-    address: str | None = option(None, help="an existing Ray cluster (default: a local embedded one)")
+    address: str | None = option(None, how_only=True, help="an existing Ray cluster (default: a local embedded one)")
     storage: str = option("runs/sweeps", help="results root: a local dir or a URI pyarrow understands")
     name: str = option("amtl-sweep", help="sweep name (a folder under --storage)")
-    resume: bool = option(False, help="continue the sweep --name in --storage")
-    recompute_potentials: bool = option(False, help="retrain single-task models even if cached")
-    wandb_project: str = option("amtl-sweep", help="W&B project")
-    wandb_entity: str | None = option(None, help="W&B entity (team or user)")
-    no_wandb: bool = option(False, help="no W&B runs")
-    optuna_storage: str | None = option(None, help="SQLAlchemy URL of the Optuna study (default: SQLite file)")
+    resume: bool = option(False, how_only=True, help="continue the sweep --name in --storage")
+    recompute_potentials: bool = option(False, how_only=True, help="retrain single-task models even if cached")
+    wandb_project: str = option("amtl-sweep", how_only=True, help="W&B project")
+    wandb_entity: str | None = option(None, how_only=True, help="W&B entity (team or user)")
+    no_wandb: bool = option(False, how_only=True, help="no W&B runs")
+    optuna_storage: str | None = option(None, how_only=True,
+                                        help="SQLAlchemy URL of the Optuna study (default: SQLite file)")
     kpi: str | None = option(None, help="optimise this task's validation KPI instead of Delta-m")
     objective: str = option("delta-m", choices=OBJECTIVES,
                             help="the search's objective. delta-m: val Delta-m (or --kpi's KPI). pareto: every task's "
                                  "val KPI at once (Optuna's multi-objective TPE; FIFO, since ASHA needs one number); "
                                  "the seeds phase reruns, of each method's Pareto set, the config with the best val "
                                  "Delta-m, and the leaderboard lists the Pareto set")
-    max_failures: int = option(2, help="restarts of a trial whose process dies, from its last checkpoint")
-    stall_timeout: float = option(3600.0, help="seconds a phase may go without any trial progress (trials waiting "
-                                               "for resources, a stuck trial) before the sweep ends with an error "
-                                               "saying what it waited for; longer than one epoch")
-    report: bool = option(False, help="rebuild the report and every other output of sweep --name in --storage "
-                                      "from its stored results (its own saved options apply); trains nothing")
-    verbose: bool = option(False, help="print Ray Tune's own status tables (default: one line per trial event, "
-                                       "the tables go to tune.log in the sweep's folder)")
+    max_failures: int = option(2, how_only=True,
+                               help="restarts of a trial whose process dies, from its last checkpoint")
+    stall_timeout: float = option(3600.0, how_only=True,
+                                  help="seconds a phase may go without any trial progress (trials waiting for "
+                                       "resources, a stuck trial) before the sweep ends with an error saying what it "
+                                       "waited for; longer than one epoch")
+    report: bool = option(False, how_only=True,
+                          help="rebuild the report and every other output of sweep --name in --storage from its "
+                               "stored results (its own saved options apply); trains nothing")
+    verbose: bool = option(False, how_only=True,
+                           help="print Ray Tune's own status tables (default: one line per trial event, the tables "
+                                "go to tune.log in the sweep's folder)")
 
     @classmethod
     def of(cls, **values: Any) -> "SweepOptions":
@@ -136,9 +141,7 @@ class SweepOptions:
 
 
 #: Options that change how a sweep runs, not what it computes: a rerun may change them.
-RUN_OPTIONS = {"resume", "report", "verbose", "address", "stall_timeout", "max_concurrent", "max_failures", "no_wandb",
-               "wandb_project", "wandb_entity", "optuna_storage", "recompute_potentials",
-               "train.num_workers", "train.log_every", "train.cache_dir", "train.threads", "train.device"}
+RUN_OPTIONS = set(names_with(SweepOptions, "how_only")) | set(names_with(TrainConfig, "how_only"))
 
 
 def _flat(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -156,7 +159,7 @@ def option_differences(recorded: Mapping[str, Any], options: SweepOptions) -> li
     options) computes; an option the recorded sweep did not know yet is not a difference."""
     old, new = _flat(recorded), _flat(_recorded_options(options))
     return [f"{key.removeprefix('train.')}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
-            if key not in RUN_OPTIONS and old[key] != new[key]]
+            if key.rsplit(".", 1)[-1] not in RUN_OPTIONS and old[key] != new[key]]
 
 
 def check_resume(o: SweepOptions, storage: Storage) -> bool:
@@ -543,7 +546,6 @@ class Sweep:
 
     def write_report(self, out: Path, trials: pd.DataFrame, history: pd.DataFrame | None, board: pd.DataFrame,
                      hparams: list[str], space: Any, note: str) -> None:
-        from sweeps.leaderboard import method_scores, paired_tests
         from sweeps.report import winner_commands, write_report
 
         compared = trials[trials["phase"] != "potentials"]
@@ -553,8 +555,9 @@ class Sweep:
                         else config_yaml(self.o))
         winner = winner_commands(board, compared, self.o.train, self.dir.uri_of(CONFIG_FILE), potentials,
                                  skip=SET_BY_SWEEP)
-        path = write_report(out, trials, history, board, paired_tests(method_scores(compared, hparams)), hparams,
-                            space, f"Sweep '{self.o.name}'", options_text, winner, note)
+        pairs = pd.read_parquet(out / "significance.parquet")  # write_outputs' paired tests, not run again
+        path = write_report(out, trials, history, board, pairs, hparams, space, f"Sweep '{self.o.name}'",
+                            options_text, winner, note)
         self.say(f"[sweep] report: {self.dir.uri_of(path.name)}")
 
     def log_leaderboard(self, board: pd.DataFrame, out: Path) -> None:

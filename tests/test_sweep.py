@@ -328,16 +328,16 @@ def test_a_pareto_search_optimises_every_tasks_kpi_and_lists_its_pareto_set(swee
     import optuna
 
     from sweeps.report import pareto_mask
-    tmp_path = sweep["storage"]  # its potentials are this sweep's too: reused, not retrained
-    options = SweepOptions.of(methods=["ew"], samples=4, seeds=1, objective="pareto", storage=str(tmp_path),
+    storage = sweep["storage"]  # its potentials are this sweep's too: reused, not retrained
+    options = SweepOptions.of(methods=["ew"], samples=4, seeds=1, objective="pareto", storage=str(storage),
                               name="pareto", no_wandb=True, **TINY)
     messages = []
     run(options, say=messages.append)
     assert any(m.startswith("[potentials] reusing") for m in messages)
     assert any("objective Pareto front of kpi/segmentation, kpi/depth (max)" in m for m in messages)
-    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path / 'pareto' / 'optuna.db'}")
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{storage / 'pareto' / 'optuna.db'}")
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2
-    rows = pd.read_parquet(tmp_path / "pareto" / "trials.parquet")
+    rows = pd.read_parquet(storage / "pareto" / "trials.parquet")
     search = rows[(rows["phase"] == "search") & (rows["status"] == "TERMINATED")].reset_index(drop=True)
     kpis = search[["kpi/segmentation", "kpi/depth"]].to_numpy(float)
     told = sorted(tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
@@ -346,6 +346,6 @@ def test_a_pareto_search_optimises_every_tasks_kpi_and_lists_its_pareto_set(swee
     chosen = front.sort_values("val_delta_m").iloc[0]
     seeds = rows[rows["phase"] == "seeds"]
     assert list(seeds["searched"]) == [chosen["searched"]]
-    board = (tmp_path / "pareto" / "leaderboard.md").read_text()
+    board = (storage / "pareto" / "leaderboard.md").read_text()
     assert f"Pareto set: {len(front)} search trial(s)" in board
-    assert sorted(pd.read_parquet(tmp_path / "pareto" / "pareto.parquet")["trial_id"]) == sorted(front["trial_id"])
+    assert sorted(pd.read_parquet(storage / "pareto" / "pareto.parquet")["trial_id"]) == sorted(front["trial_id"])
